@@ -1,0 +1,5 @@
+"""``python -m halludec`` = the ``halludec`` command."""
+
+from halludec.cli import main
+
+raise SystemExit(main())

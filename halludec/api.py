@@ -1,0 +1,8 @@
+"""The public API in one place (re-exported by ``halludec``)."""
+
+from __future__ import annotations
+
+from halludec.decoding import apply, generate, get_strategy, list_strategies
+from halludec.vlm_adapters import get_adapter, list_adapters
+
+__all__ = ["apply", "generate", "get_adapter", "get_strategy", "list_adapters", "list_strategies"]

@@ -1,0 +1,159 @@
+"""The one attention function halludec registers with transformers, and its mask function.
+
+Registered once, process-wide, as ``"halludec"`` in ``AttentionInterface`` and ``AttentionMaskInterface``
+(without a registered mask function transformers silently passes ``attention_mask=None`` and padded rows attend
+to padding). The mask function is transformers' own ``sdpa_mask``, so layers a strategy does not touch receive
+exactly the masks sdpa receives and fall through to ``sdpa_attention_forward`` unchanged.
+
+In a steered layer the function computes attention explicitly in float32 for the rows the strategies need
+(``"all"`` query rows, or only the ``"last"`` one with sdpa for the rest), runs the strategies' score and
+probability edits in composition order, then their per-head output edits.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import AttentionInterface, AttentionMaskInterface
+from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+from transformers.masking_utils import sdpa_mask
+
+from halludec.decoding.context import CallContext, LayerContext, LayerPlan
+
+ATTN_NAME = "halludec"
+CONTROLLER_ATTR = "_halludec_call"
+"""Attribute set on each steered text attention module for the duration of one call."""
+
+
+def halludec_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """Attention with per-layer strategy edits; sdpa wherever nothing is steered.
+
+    Args:
+        module: The attention module (``layer_idx``, ``num_key_value_groups``, ``scaling``).
+        query: ``[B, H, q, d]`` (RoPE applied).
+        key: ``[B, Hkv, K, d]`` (cache already updated).
+        value: ``[B, Hkv, K, d]``.
+        attention_mask: ``[B, 1, q, K]`` bool (True = attend), float additive, or None (plain causal).
+        **kwargs: ``scaling``, ``dropout``, ``softcap``, ``sliding_window`` and model-specific extras.
+
+    Returns:
+        ``(out [B, q, H, d], None)``.
+    """
+    call: CallContext | None = getattr(module, CONTROLLER_ATTR, None)
+    layer = getattr(module, "layer_idx", None)
+    plan = None if call is None or layer is None else call.plans.get(layer)
+    if plan is None:
+        if kwargs.get("softcap") is not None:
+            return eager_attention(module, query, key, value, attention_mask, None, **kwargs)
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    return eager_attention(module, query, key, value, attention_mask, (call, plan), **kwargs)
+
+
+def eager_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    steering: tuple[CallContext, LayerPlan] | None,
+    scaling: float | None = None,
+    softcap: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """Explicit float32 attention, with the strategy edits of ``steering`` (None: plain eager)."""
+    bsz, n_heads, q_len, head_dim = query.shape
+    kv_len = key.shape[2]
+    scaling = head_dim**-0.5 if scaling is None else scaling
+    call, plan = steering if steering is not None else (None, None)
+    ctx = LayerContext(call, module, q_len, kv_len, bsz) if call is not None else None
+    out = None
+    if plan is not None and plan.prob_strategies:
+        if plan.rows == "last" and q_len > 1 and softcap is None:
+            # sdpa for every row, then the last row recomputed explicitly and replaced.
+            out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+            last = _attend(module, query[:, :, -1:], key, value, _last_row(attention_mask), ctx, plan, scaling, None)
+            out = torch.cat([out[:, :-1], last], dim=1)  # [B, q, H, d]
+        else:
+            out = _attend(module, query, key, value, attention_mask, ctx, plan, scaling, softcap)
+    elif plan is None or softcap is not None:
+        out = _attend(module, query, key, value, attention_mask, None, None, scaling, softcap)
+    else:
+        out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+    if plan is not None:
+        for strategy in plan.head_strategies:
+            out = strategy.edit_head_outputs(out, ctx)
+    return out, None
+
+
+def _last_row(mask: torch.Tensor | None) -> torch.Tensor | None:
+    return None if mask is None else mask[:, :, -1:]  # [B, 1, 1, K]
+
+
+def _attend(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor | None,
+    ctx: LayerContext | None,
+    plan: LayerPlan | None,
+    scaling: float,
+    softcap: float | None,
+) -> torch.Tensor:
+    """Float32 softmax attention of ``query`` rows against all keys; returns ``[B, q, H, d]``."""
+    n_rep = getattr(module, "num_key_value_groups", 1)
+    q = query.float()  # [B, H, q, d]
+    k = repeat_kv(key, n_rep).float()  # [B, H, K, d]
+    v = repeat_kv(value, n_rep).float()  # [B, H, K, d]
+    scores = torch.matmul(q, k.transpose(2, 3)) * scaling  # [B, H, q, K]
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    scores = apply_mask(scores, mask)
+    strategies = plan.prob_strategies if plan is not None else []
+    for strategy in strategies:
+        scores = strategy.edit_scores(scores, ctx)
+    probs = torch.softmax(scores, dim=-1)  # [B, H, q, K]
+    for strategy in strategies:
+        probs = strategy.edit_probs(probs, ctx)
+    out = torch.matmul(probs, v)  # [B, H, q, d]
+    return out.to(query.dtype).transpose(1, 2).contiguous()  # [B, q, H, d]
+
+
+def apply_mask(scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Apply a transformers attention mask to float32 scores ``[B, H, q, K]``.
+
+    Args:
+        scores: Scaled ``QK^T``.
+        mask: bool ``[B|1, 1, q, K]`` (True = attend), additive float of that shape, or None, meaning plain
+            causal attention where the ``q`` rows are the last ``q`` positions of the ``K`` keys.
+
+    Returns:
+        Masked scores; masked entries hold ``finfo(float32).min`` (never -inf, so fully masked pad rows give a
+        uniform row instead of NaN).
+    """
+    low = torch.finfo(scores.dtype).min
+    if mask is None:
+        q_len, kv_len = scores.shape[-2:]
+        rows = torch.arange(q_len, device=scores.device)[:, None] + (kv_len - q_len)  # [q, 1]
+        allowed = torch.arange(kv_len, device=scores.device)[None, :] <= rows  # [q, K]
+        return scores.masked_fill(~allowed, low)
+    if mask.dtype == torch.bool:
+        return scores.masked_fill(~mask, low)
+    return (scores + mask.float()).clamp_min(low)
+
+
+def register() -> None:
+    """Register the attention and mask functions under ``"halludec"`` (idempotent)."""
+    AttentionInterface.register(ATTN_NAME, halludec_attention)
+    AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
+
+
+register()

@@ -1,0 +1,209 @@
+"""The strategy base class, typed configs and the strategy registry.
+
+A strategy is one file in ``halludec/decoding/``: a config dataclass (typed fields, paper defaults,
+``validate()``) and a ``Strategy`` subclass registered with ``@register_strategy("name")``. The core
+(``halludec.decoding.apply``) calls the hooks a strategy overrides, and only those:
+
+- ``prepare(call)``: once per ``generate`` call, before decoding; build per-row state as tensors here.
+- ``attention_layers(call)``: the decoder layers whose attention the strategy reads or edits, and
+  ``attention_rows`` (``"all"`` or ``"last"``): which query rows it needs as explicit probabilities.
+- ``edit_scores`` / ``edit_probs``: pre- / post-softmax attention ``[B, H, q, K]`` (float32) in those layers.
+- ``edit_head_outputs``: per-head attention output ``[B, q, H, d]`` in those layers, before ``o_proj``.
+- ``logits_processors(call)``: ``LogitsProcessor`` objects added to ``generate``.
+
+The per-step hooks must stay compile-friendly: no ``.item()``, no host syncs, no Python branching on tensor
+values; only on shapes and on Python state fixed in ``prepare``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+from halludec.registry import Registry
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import LogitsProcessor
+
+    from halludec.decoding.context import CallContext, LayerContext
+
+
+@dataclass
+class StrategyConfig:
+    """Base of every strategy's typed hyperparameters (defaults follow the paper)."""
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the field, the value and the allowed range when a value is invalid."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as plain JSON-serialisable values."""
+        return dataclasses.asdict(self)
+
+
+def check_range(name: str, value: float, low: float | None = None, high: float | None = None) -> None:
+    """Raise ``ValueError`` unless ``low <= value <= high`` (either bound may be None).
+
+    Args:
+        name: Field name, for the message.
+        value: The received value.
+        low: Inclusive lower bound.
+        high: Inclusive upper bound.
+    """
+    bad_type = isinstance(value, bool) or not isinstance(value, (int, float))
+    if bad_type or (low is not None and value < low) or (high is not None and value > high):
+        lo = "-inf" if low is None else low
+        hi = "inf" if high is None else high
+        raise ValueError(f"{name}={value!r} is invalid; allowed: a number in [{lo}, {hi}].")
+
+
+class Strategy:
+    """Base class of decoding strategies. Subclasses set ``name``, ``config_class`` and override hooks.
+
+    Args:
+        config: A config instance; defaults to ``config_class()``.
+        **overrides: Field values replacing those of ``config``.
+    """
+
+    name: ClassVar[str] = ""
+    config_class: ClassVar[type[StrategyConfig]] = StrategyConfig
+    presets: ClassVar[dict[str, dict[str, Any]]] = {}
+    """Named configs of this strategy (``"name:preset"``), e.g. ``{"repro": {...}}``."""
+    needs_image: ClassVar[bool] = False
+    """Whether every prompt must contain image tokens."""
+    attention_rows: ClassVar[Literal["all", "last"]] = "all"
+    """Query rows whose probabilities the attention hooks need: every row, or only the last one."""
+    paper: ClassVar[str] = ""
+
+    def __init__(self, config: StrategyConfig | None = None, **overrides: Any) -> None:
+        config = config if config is not None else self.config_class()
+        if not isinstance(config, self.config_class):
+            raise TypeError(
+                f"Strategy {self.name!r} takes a {self.config_class.__name__}, got {type(config).__name__}."
+            )
+        if overrides:
+            known = {f.name for f in fields(config)}
+            unknown = sorted(set(overrides) - known)
+            if unknown:
+                raise ValueError(
+                    f"Unknown field(s) {unknown} for strategy {self.name!r}; its fields are: "
+                    f"{', '.join(sorted(known)) or '(none)'}."
+                )
+            config = dataclasses.replace(config, **overrides)
+        config.validate()
+        self.config = config
+        self.preset: str | None = None
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.config!r})"
+
+    # --------------------------------------------------------------- lifecycle
+    def prepare(self, call: CallContext) -> None:
+        """Per-call setup before decoding (spans, head sets, masks as tensors). Default: nothing."""
+
+    def attention_layers(self, call: CallContext) -> set[int]:
+        """Decoder layers whose attention this strategy reads or edits. Default: none."""
+        return set()
+
+    def logits_processors(self, call: CallContext) -> list[LogitsProcessor]:
+        """Logits processors to add to ``generate``. Default: none."""
+        return []
+
+    # ---------------------------------------------------------- per-step hooks
+    def edit_scores(self, scores: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
+        """Edit pre-softmax scores ``[B, H, q, K]`` (float32, mask applied). Must not modify in place."""
+        return scores
+
+    def edit_probs(self, probs: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
+        """Edit post-softmax probabilities ``[B, H, q, K]`` (float32). Must not modify in place."""
+        return probs
+
+    def edit_head_outputs(self, out: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
+        """Edit per-head outputs ``[B, q, H, d]`` before ``o_proj``. Must not modify in place."""
+        return out
+
+    # -------------------------------------------------------------- introspection
+    @classmethod
+    def uses_probs(cls) -> bool:
+        """Whether the strategy overrides a hook that needs explicit attention probabilities."""
+        return cls.edit_scores is not Strategy.edit_scores or cls.edit_probs is not Strategy.edit_probs
+
+    @classmethod
+    def uses_head_outputs(cls) -> bool:
+        """Whether the strategy overrides ``edit_head_outputs``."""
+        return cls.edit_head_outputs is not Strategy.edit_head_outputs
+
+    def describe(self) -> dict[str, Any]:
+        """``{name, preset, config}`` for results files."""
+        return {"name": self.name, "preset": self.preset, "config": self.config.to_dict()}
+
+
+STRATEGIES: Registry[type[Strategy]] = Registry(
+    "strategy",
+    hint="List them with halludec.list_strategies() or `halludec ls`; add one with @register_strategy('name').",
+)
+
+
+def register_strategy(name: str):  # noqa: ANN201 - decorator
+    """Class decorator registering a ``Strategy`` subclass under ``name`` (and setting ``cls.name``)."""
+
+    def add(cls: type[Strategy]) -> type[Strategy]:
+        cls.name = name
+        STRATEGIES.register(name, cls)
+        return cls
+
+    return add
+
+
+def get_strategy(name: str, **overrides: Any) -> Strategy:
+    """Build a registered strategy, optionally from a preset (``"name:preset"``), with field overrides.
+
+    Args:
+        name: Registry name, e.g. ``"vhr"``, or ``"pai:repro"`` for a preset.
+        **overrides: Config field values.
+
+    Returns:
+        The strategy instance (its config validated).
+
+    Raises:
+        KeyError: unknown name ("did you mean"). ValueError: unknown preset, unknown field or invalid value.
+    """
+    base, _, preset = name.partition(":")
+    cls = STRATEGIES.get(base)
+    values: dict[str, Any] = {}
+    if preset:
+        if preset not in cls.presets:
+            raise ValueError(
+                f"Strategy {base!r} has no preset {preset!r}; available: {', '.join(sorted(cls.presets)) or '(none)'}."
+            )
+        values.update(cls.presets[preset])
+    values.update(overrides)
+    strategy = cls(**values)
+    strategy.preset = preset or None
+    return strategy
+
+
+def list_strategies() -> list[str]:
+    """Registered strategy names, with presets as ``name:preset``."""
+    out = []
+    for name, cls in STRATEGIES.items():
+        out.append(name)
+        out.extend(f"{name}:{p}" for p in sorted(cls.presets))
+    return out
+
+
+def resolve_strategies(spec: str | Strategy | list[str | Strategy] | tuple[str | Strategy, ...]) -> list[Strategy]:
+    """Turn ``"vhr"``, a ``Strategy`` or a list of them (composition, applied in order) into instances."""
+    items = list(spec) if isinstance(spec, (list, tuple)) else [spec]
+    if not items:
+        raise ValueError("An empty strategy list was given; pass 'none' for plain generation.")
+    out: list[Strategy] = []
+    for item in items:
+        if isinstance(item, Strategy):
+            out.append(item)
+        elif isinstance(item, str):
+            out.append(get_strategy(item))
+        else:
+            raise TypeError(f"A strategy must be a name or a Strategy instance, got {type(item).__name__}.")
+    return out

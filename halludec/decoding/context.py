@@ -1,0 +1,154 @@
+"""Per-call state: what one ``generate`` call knows about its inputs, and what each attention call sees.
+
+``CallContext`` is built by ``apply`` before decoding and reachable from every steered attention module. Its
+per-row tensors are indexed by the rows of the *inputs*; ``generate`` may expand rows (beams,
+``num_return_sequences``) with ``repeat_interleave``, so hooks read them through ``LayerContext.rows``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+if TYPE_CHECKING:
+    from halludec.decoding.base import Strategy
+    from halludec.vlm_adapters import Span, VLMAdapter
+
+
+@dataclass
+class LayerPlan:
+    """What the attention function does in one decoder layer.
+
+    Attributes:
+        prob_strategies: Strategies that need explicit scores/probabilities here, in composition order.
+        head_strategies: Strategies that edit per-head outputs here, in composition order.
+        rows: ``"all"``, or ``"last"`` when every prob strategy only needs the last query row.
+    """
+
+    prob_strategies: list[Strategy] = field(default_factory=list)
+    head_strategies: list[Strategy] = field(default_factory=list)
+    rows: str = "last"
+
+
+class CallContext:
+    """Everything a strategy may read about one ``generate`` call.
+
+    Args:
+        model: The model being steered.
+        adapter: Its family adapter.
+        strategies: The strategies in composition order.
+        inputs: The model inputs passed to ``generate`` (``input_ids`` ``[B, L]``, ``attention_mask``, images).
+        processor: Optional processor/tokenizer (needed by strategies that locate the question).
+        questions: Optional question text per row.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        adapter: VLMAdapter,
+        strategies: list[Strategy],
+        inputs: Mapping[str, Any],
+        processor: Any | None = None,
+        questions: list[str] | None = None,
+    ) -> None:
+        self.model = model
+        self.adapter = adapter
+        self.strategies = strategies
+        self.inputs = inputs
+        self.processor = processor
+        self.questions = questions
+        ids = inputs.get("input_ids") if inputs is not None else None
+        if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
+            raise ValueError(
+                "halludec needs `input_ids` as a [batch, length] tensor in the inputs (what the processor returns); "
+                f"got {type(ids).__name__}."
+            )
+        self.input_ids = ids  # [B, L]
+        am = inputs.get("attention_mask")
+        self.attention_mask = torch.ones_like(ids) if am is None else am  # [B, L]
+        self.image_mask = adapter.image_mask(ids)  # [B, L] bool
+        self.plans: dict[int, LayerPlan] = {}
+        self.state: dict[str, Any] = {}
+        self.logits_processors: list[Any] = []
+        self._image_spans: list[list[Span]] | None = None
+        self._query_spans: list[Span] | None = None
+
+    @property
+    def batch_size(self) -> int:
+        """Rows in the inputs (before any beam expansion)."""
+        return self.input_ids.shape[0]
+
+    @property
+    def prompt_len(self) -> int:
+        """Padded prompt length ``L``."""
+        return self.input_ids.shape[1]
+
+    @property
+    def image_spans(self) -> list[list[Span]]:
+        """Per row, the image spans (computed once, on the host, before decoding)."""
+        if self._image_spans is None:
+            self._image_spans = self.adapter.image_spans(self.input_ids)
+        return self._image_spans
+
+    @property
+    def query_spans(self) -> list[Span]:
+        """Per row, the question's token span (needs ``processor`` or ``questions``)."""
+        if self._query_spans is None:
+            if self.processor is None:
+                raise ValueError(
+                    "This strategy needs the question's token span: pass `processor=` (the processor or tokenizer "
+                    "that built the inputs) and optionally `questions=[...]` to halludec.generate / apply."
+                )
+            tok = getattr(self.processor, "tokenizer", self.processor)
+            self._query_spans = self.adapter.query_spans(
+                self.input_ids, tok, self.questions, chat_template_owner=self.processor
+            )
+        return self._query_spans
+
+
+class LayerContext:
+    """What one attention call of a steered layer sees.
+
+    Args:
+        call: The call context.
+        module: The attention module (``module.layer_idx`` is the layer).
+        q_len: Query rows in this call (the prompt length at prefill, 1 when decoding).
+        kv_len: Key length ``K`` (the cache length; the full static length on the static path).
+        batch: Rows in this call (inputs' rows x beams / return sequences).
+    """
+
+    def __init__(self, call: CallContext, module: nn.Module, q_len: int, kv_len: int, batch: int) -> None:
+        self.call = call
+        self.module = module
+        self.layer_idx: int = module.layer_idx
+        self.q_len = q_len
+        self.kv_len = kv_len
+        self.batch = batch
+
+    @property
+    def is_prefill(self) -> bool:
+        """True for the prompt pass (more than one query row)."""
+        return self.q_len > 1
+
+    def rows(self, per_row: torch.Tensor) -> torch.Tensor:
+        """Expand a per-input-row tensor ``[B, ...]`` to this call's rows ``[batch, ...]`` (beams etc.)."""
+        n = per_row.shape[0]
+        return per_row if n == self.batch else per_row.repeat_interleave(self.batch // n, dim=0)
+
+    def keys(self, per_position: torch.Tensor) -> torch.Tensor:
+        """Fit a per-prompt-position tensor ``[B, L]`` to this call's keys ``[batch, K]`` (False/0 beyond L)."""
+        length = per_position.shape[1]
+        if self.kv_len > length:
+            per_position = F.pad(per_position, (0, self.kv_len - length))  # [B, K]
+        elif self.kv_len < length:
+            per_position = per_position[:, : self.kv_len]  # [B, K]
+        return self.rows(per_position)
+
+    def image_keys(self) -> torch.Tensor:
+        """``[batch, K]`` bool: which keys are image tokens of the prompt."""
+        return self.keys(self.call.image_mask)

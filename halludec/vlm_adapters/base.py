@@ -1,0 +1,410 @@
+"""The model-family adapter: where a VLM keeps its text layers, image tokens and vision tower.
+
+An adapter is mostly data. ``VLMAdapter`` implements everything the supported families share through
+transformers' common API (``get_decoder()``, ``layers[i].self_attn.o_proj``, ``config.image_token_id``); a family
+file only overrides what differs (the vision tower's attribute, tokens that wrap an image span, position ids).
+
+Everything here runs once per ``generate`` call, before decoding starts, never on the per-step path.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from halludec.vlm_adapters.spans import char_span_to_tokens, contiguous_runs, template_parts
+
+Span = tuple[int, int]
+"""A half-open ``[start, end)`` token range in the (left-padded) ``input_ids`` of one row."""
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """Structural sizes of the text backbone.
+
+    Attributes:
+        num_layers: Decoder layers.
+        num_heads: Query heads per layer (head-level rules apply to these, also under GQA).
+        num_kv_heads: Key/value heads per layer.
+        head_dim: Size of one head.
+        hidden_size: Residual-stream width.
+        vocab_size: Output vocabulary size.
+    """
+
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    hidden_size: int
+    vocab_size: int
+
+
+class VLMAdapter:
+    """Common access to one loaded vision-language model.
+
+    Subclasses set ``model_types`` (the ``config.model_type`` values they serve) and override the class
+    attributes below where their family differs.
+
+    Args:
+        model: A loaded ``...ForConditionalGeneration`` model.
+    """
+
+    model_types: ClassVar[tuple[str, ...]] = ()
+    vision_tower_attr: ClassVar[str] = "vision_tower"
+    """Attribute of ``model.model`` that holds the vision encoder."""
+    wrapper_token_attrs: ClassVar[tuple[str, ...]] = ()
+    """Config attributes naming tokens that wrap an image span; dropped with it in image-free inputs."""
+    image_input_keys: ClassVar[tuple[str, ...]] = (
+        "pixel_values",
+        "image_sizes",
+        "image_grid_thw",
+        "pixel_attention_mask",
+        "batch_num_images",
+    )
+    """Input keys that carry the image itself; absent from image-free inputs."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.config = model.config
+        self.text_config = model.config.get_text_config()
+
+    # ----------------------------------------------------------------- structure
+    @property
+    def decoder(self) -> nn.Module:
+        """The text decoder (``model.get_decoder()``), whose ``layers`` are steered."""
+        return self.model.get_decoder()
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        """The decoder layers, index = ``layer_idx``."""
+        return self.decoder.layers
+
+    def attention(self, layer: int) -> nn.Module:
+        """The self-attention module of decoder layer ``layer``."""
+        self.check_layer(layer)
+        return self.layers[layer].self_attn
+
+    def attention_modules(self) -> list[nn.Module]:
+        """All text self-attention modules, in layer order."""
+        return [layer.self_attn for layer in self.layers]
+
+    def o_proj(self, layer: int) -> nn.Linear:
+        """The output projection of layer ``layer``; its input is the per-head output ``[B, q, H*d]``."""
+        return self.attention(layer).o_proj
+
+    @property
+    def dims(self) -> ModelDims:
+        """Structural sizes of the text backbone."""
+        tc = self.text_config
+        heads = tc.num_attention_heads
+        return ModelDims(
+            num_layers=len(self.layers),
+            num_heads=heads,
+            num_kv_heads=getattr(tc, "num_key_value_heads", None) or heads,
+            head_dim=getattr(tc, "head_dim", None) or tc.hidden_size // heads,
+            hidden_size=tc.hidden_size,
+            vocab_size=tc.vocab_size,
+        )
+
+    def check_layer(self, layer: int) -> None:
+        """Raise ``ValueError`` when ``layer`` is not a valid decoder-layer index."""
+        n = len(self.layers)
+        if not isinstance(layer, int) or not 0 <= layer < n:
+            raise ValueError(
+                f"Layer index {layer!r} is out of range for this model, which has {n} decoder layers "
+                f"(valid: 0..{n - 1}). Check the strategy's layer settings."
+            )
+
+    @property
+    def vision_tower(self) -> nn.Module:
+        """The vision encoder module."""
+        return getattr(self.model.model, self.vision_tower_attr)
+
+    # ------------------------------------------------------------------- tokens
+    @property
+    def image_token_id(self) -> int:
+        """The id of the (expanded) image placeholder token."""
+        tid = getattr(self.config, "image_token_id", None)
+        if tid is None:
+            tid = getattr(self.config, "image_token_index", None)
+        if tid is None:
+            raise ValueError(
+                f"{type(self.model).__name__} config has neither `image_token_id` nor `image_token_index`; "
+                "set one of them on the config so halludec can find the image tokens."
+            )
+        return int(tid)
+
+    def wrapper_token_ids(self) -> list[int]:
+        """Ids of tokens that wrap image spans (e.g. Qwen's ``<|vision_start|>``)."""
+        ids = (getattr(self.config, attr, None) for attr in self.wrapper_token_attrs)
+        return [int(i) for i in ids if i is not None]
+
+    def image_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Bool mask of image-token positions.
+
+        Args:
+            input_ids: ``[B, L]`` token ids (left padding allowed).
+
+        Returns:
+            ``[B, L]`` bool tensor, True on image tokens.
+        """
+        return input_ids == self.image_token_id
+
+    def image_spans(self, input_ids: torch.Tensor) -> list[list[Span]]:
+        """The image spans of every row: one contiguous run of image tokens per image.
+
+        Args:
+            input_ids: ``[B, L]`` token ids. Positions index the padded row.
+
+        Returns:
+            Per row, a list of half-open ``(start, end)`` spans in order (empty when the row has no image).
+        """
+        return [contiguous_runs(row) for row in self.image_mask(input_ids).cpu()]
+
+    def require_images(self, input_ids: torch.Tensor, who: str) -> None:
+        """Raise ``ValueError`` naming the rows of ``input_ids`` that have no image token.
+
+        Args:
+            input_ids: ``[B, L]`` token ids.
+            who: What needs the image (used in the message), e.g. ``"strategy 'vhr'"``.
+        """
+        has = self.image_mask(input_ids).any(dim=-1).cpu()
+        missing = [i for i, h in enumerate(has.tolist()) if not h]
+        if missing:
+            raise ValueError(
+                f"{who} needs image tokens in every prompt, but rows {missing} of input_ids contain no "
+                f"image token (id {self.image_token_id}). Build the inputs with the model's processor and an "
+                "image (e.g. processor.apply_chat_template with an image entry), or use strategy='none'."
+            )
+
+    def query_spans(
+        self,
+        input_ids: torch.Tensor,
+        tokenizer: Any,
+        questions: Sequence[str] | None = None,
+        chat_template_owner: Any | None = None,
+    ) -> list[Span]:
+        """The user's question tokens in every row.
+
+        With ``questions``, each question's text is located in the decoded tokens after the row's last image
+        span. Without, the processor's chat template is rendered around a sentinel question to learn the
+        template text before and after the question, which is then matched against the row. Offsets are never
+        hard-coded.
+
+        Args:
+            input_ids: ``[B, L]`` token ids (left padding allowed).
+            tokenizer: The tokenizer that produced ``input_ids`` (a processor's ``.tokenizer`` works).
+            questions: Optional question text per row, as it appears in the prompt.
+            chat_template_owner: The processor or tokenizer whose chat template built the prompt; defaults to
+                ``tokenizer``.
+
+        Returns:
+            Per row, the half-open token span of the question.
+
+        Raises:
+            ValueError: when a question cannot be located (with the decoded text around it).
+        """
+        tok = getattr(tokenizer, "tokenizer", tokenizer)
+        if questions is not None and len(questions) != input_ids.shape[0]:
+            raise ValueError(
+                f"Got {len(questions)} questions for a batch of {input_ids.shape[0]} rows; pass one question "
+                "per row of input_ids."
+            )
+        parts = None
+        if questions is None:
+            owner = chat_template_owner or tokenizer
+            image_token = getattr(owner, "image_token", None) or getattr(tok, "image_token", None)
+            parts = template_parts(owner, image_token)
+        spans: list[Span] = []
+        image_spans = self.image_spans(input_ids)
+        pad_id = getattr(tok, "pad_token_id", None)
+        for row, (ids, img) in enumerate(zip(input_ids.tolist(), image_spans, strict=True)):
+            start = img[-1][1] if img else _first_non_pad(ids, pad_id)
+            tail = ids[start:]
+            pieces = [tok.decode(tail[: k + 1], skip_special_tokens=False) for k in range(len(tail))]
+            text = pieces[-1] if pieces else ""
+            if questions is not None:
+                q = questions[row].strip()
+                c0 = text.find(q)
+                if not q or c0 < 0:
+                    raise ValueError(
+                        f"Question {questions[row]!r} of row {row} was not found in the prompt text after the "
+                        f"image: {text!r}. Pass the question exactly as it was put into the prompt."
+                    )
+                c1 = c0 + len(q)
+            else:
+                before, after = parts
+                c0, c1 = _strip_template(text, before, after, row)
+            t0, t1 = char_span_to_tokens([len(p) for p in pieces], c0, c1)
+            spans.append((start + t0, start + t1))
+        return spans
+
+    # -------------------------------------------------------------- side inputs
+    def text_only_inputs(self, inputs: Mapping[str, Any]) -> dict[str, Any]:
+        """The same prompts with every image removed: image tokens (and their wrappers) dropped, rows re-left-padded.
+
+        Args:
+            inputs: Model inputs with ``input_ids`` ``[B, L]`` and ``attention_mask``.
+
+        Returns:
+            New inputs of length ``L'`` (the longest image-free row): ``input_ids``, ``attention_mask`` and every
+            other per-token ``[B, L]`` tensor filtered the same way (type ids set to 0); image tensors removed.
+        """
+        ids = inputs["input_ids"]
+        am = inputs.get("attention_mask")
+        am = torch.ones_like(ids) if am is None else am
+        drop = self.image_mask(ids)
+        for tid in self.wrapper_token_ids():
+            drop |= ids == tid
+        keep = am.bool() & ~drop  # [B, L]
+        new_len = int(keep.sum(dim=-1).max())
+        # Stable sort that moves kept positions to the right end of each row, in order: left padding.
+        order = torch.sort(keep.to(torch.int8), dim=-1, stable=True).indices[:, -new_len:]  # [B, L']
+        new_keep = torch.gather(keep, 1, order)
+        pad_id = _pad_id(self.config)
+        out: dict[str, Any] = {}
+        for key, value in inputs.items():
+            if key in self.image_input_keys:
+                continue
+            if isinstance(value, torch.Tensor) and value.shape[:2] == ids.shape and value.dim() == 2:
+                gathered = torch.gather(value, 1, order)
+                if key == "input_ids":
+                    gathered = gathered.masked_fill(~new_keep, pad_id)
+                elif key == "attention_mask":
+                    gathered = new_keep.to(value.dtype)
+                else:  # token-type ids: no image tokens remain
+                    gathered = torch.zeros_like(gathered)
+                out[key] = gathered
+            elif key not in ("position_ids", "cache_position", "rope_deltas"):
+                out[key] = value
+        return out
+
+    def noised_image_inputs(
+        self,
+        inputs: Mapping[str, Any],
+        noise_step: int = 500,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, Any]:
+        """The same inputs with Gaussian diffusion noise on the pixels (VCD's distorted image).
+
+        ``x_t = sqrt(abar_t) * x_0 + sqrt(1 - abar_t) * eps`` with the linear beta schedule of 1000 steps
+        (beta from 1e-4 to 0.02), as in VCD's ``add_diffusion_noise``. Applied to ``pixel_values`` whatever
+        their layout (Qwen's flattened patches included), since the noise is element-wise.
+
+        Args:
+            inputs: Model inputs with ``pixel_values``.
+            noise_step: Diffusion step ``t`` in ``[0, 999]``; larger is noisier.
+            generator: Optional generator for reproducible noise.
+
+        Returns:
+            A shallow copy of ``inputs`` with new ``pixel_values``.
+        """
+        if not 0 <= noise_step < 1000:
+            raise ValueError(f"noise_step={noise_step} is out of range; use an integer in [0, 999] (VCD uses 500).")
+        if inputs.get("pixel_values") is None:
+            raise ValueError("noised_image_inputs needs `pixel_values` in the inputs; none were given.")
+        pixels = inputs["pixel_values"]
+        betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
+        abar = float(torch.cumprod(1.0 - betas, dim=0)[noise_step])
+        eps = torch.randn(pixels.shape, generator=generator, dtype=torch.float32, device="cpu").to(pixels.device)
+        noised = math.sqrt(abar) * pixels.float() + math.sqrt(1.0 - abar) * eps
+        out = dict(inputs)
+        out["pixel_values"] = noised.to(pixels.dtype)
+        return out
+
+    # ----------------------------------------------------------- vision tower
+    def vision_attention_modules(self) -> list[nn.Module]:
+        """The vision encoder's self-attention modules, in layer order."""
+        tower = self.vision_tower
+        mods = [m for name, m in tower.named_modules() if _is_vision_attention(name, m)]
+        if not mods:
+            raise ValueError(f"Found no self-attention modules in the vision tower {type(tower).__name__}.")
+        return mods
+
+    @torch.no_grad()
+    def vision_attentions(self, inputs: Mapping[str, Any], layers: Sequence[int] | None = None) -> dict[int, Any]:
+        """Attention maps of the vision tower for the images in ``inputs``.
+
+        The vision sub-config is switched to eager attention for this one encoder pass and restored afterwards.
+
+        Args:
+            inputs: Model inputs holding the image tensors (``pixel_values`` and, for Qwen, ``image_grid_thw``).
+            layers: Vision layers to return (negative indices allowed); all when None.
+
+        Returns:
+            ``{layer: probs}`` with the probabilities ``[n_images_or_1, H, P, P]`` each vision layer computed.
+        """
+        mods = self.vision_attention_modules()
+        wanted = range(len(mods)) if layers is None else [i % len(mods) for i in layers]
+        maps: dict[int, Any] = {}
+        vision_key = self._vision_config_key()
+        previous = getattr(self.config, vision_key)._attn_implementation
+        with ExitStack() as stack:
+            self.model.set_attn_implementation({vision_key: "eager"})
+            stack.callback(self.model.set_attn_implementation, {vision_key: previous})
+            for i in wanted:
+
+                def hook(_mod, _args, output, i=i):
+                    maps[i] = output[1].detach() if isinstance(output, tuple) and len(output) > 1 else None
+
+                stack.callback(mods[i].register_forward_hook(hook).remove)
+            self.run_vision_tower(inputs)
+        return maps
+
+    def run_vision_tower(self, inputs: Mapping[str, Any]) -> Any:
+        """Encode the images of ``inputs`` (used by :meth:`vision_attentions`)."""
+        names = ("pixel_values", "image_grid_thw", "image_sizes", "pixel_attention_mask")
+        kwargs = {k: inputs[k] for k in names if inputs.get(k) is not None}
+        return self.model.model.get_image_features(**kwargs)
+
+    def _vision_config_key(self) -> str:
+        for key in ("vision_config", "vision_tower_config"):
+            if getattr(self.config, key, None) is not None:
+                return key
+        raise ValueError(f"{type(self.config).__name__} has no vision sub-config.")
+
+
+def _is_vision_attention(name: str, module: nn.Module) -> bool:
+    leaf = name.rsplit(".", 1)[-1]
+    return leaf in ("self_attn", "attn", "attention") and any(
+        hasattr(module, p) for p in ("q_proj", "qkv", "query", "qkv_proj")
+    )
+
+
+def _pad_id(config: Any) -> int:
+    for cfg in (config, config.get_text_config()):
+        pid = getattr(cfg, "pad_token_id", None)
+        if pid is not None:
+            return int(pid)
+    return 0
+
+
+def _first_non_pad(ids: list[int], pad_id: int | None) -> int:
+    for i, t in enumerate(ids):
+        if t != pad_id:
+            return i
+    return len(ids)
+
+
+def _strip_template(text: str, before: str, after: str, row: int) -> tuple[int, int]:
+    """Char span of the question inside ``text`` = ``before + question + after`` (whitespace-tolerant)."""
+    b, a = before.strip(), after.strip()
+    c0 = text.find(b) if b else 0
+    c1 = text.rfind(a) if a else len(text)
+    if c0 < 0 or c1 < 0 or c1 < c0 + len(b):
+        raise ValueError(
+            f"Row {row}: the prompt text after the image, {text!r}, does not follow the chat template "
+            f"({before!r} + question + {after!r}). Pass `questions=[...]` to locate the question instead."
+        )
+    c0 += len(b)
+    while c0 < c1 and text[c0].isspace():
+        c0 += 1
+    while c1 > c0 and text[c1 - 1].isspace():
+        c1 -= 1
+    return c0, c1

@@ -1,0 +1,97 @@
+"""Test-only strategies and comparison helpers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from halludec.decoding import Strategy, StrategyConfig
+
+
+@dataclass
+class ProbeConfig(StrategyConfig):
+    layers: tuple[int, ...] = ()
+    bias: float = 0.0
+    heads: tuple[int, ...] = ()
+    head_scale: float = 1.0
+    rows: str = "all"
+    seen: list = field(default_factory=list)
+
+
+class Probe(Strategy):
+    """Explicit attention in ``layers``: optional bias on image keys of ``heads``, optional head-output scaling.
+
+    Neutral (bias 0, scale 1) it must reproduce sdpa; it records (layer, q_len, K) of every steered call.
+    """
+
+    name = "probe"
+    config_class = ProbeConfig
+
+    def attention_layers(self, call):
+        return set(self.config.layers)
+
+    def edit_scores(self, scores, ctx):
+        self.config.seen.append((ctx.layer_idx, ctx.q_len, ctx.kv_len))
+        if self.config.bias == 0.0 or not self.config.heads:
+            return scores
+        heads = torch.zeros(scores.shape[1], dtype=torch.bool, device=scores.device)
+        heads[list(self.config.heads)] = True
+        keys = ctx.image_keys()  # [B, K]
+        sel = heads[None, :, None, None] & keys[:, None, None, :]  # [B, H, 1, K]
+        return scores + self.config.bias * sel
+
+    def edit_head_outputs(self, out, ctx):
+        if self.config.head_scale == 1.0 or not self.config.heads:
+            return out
+        scale = torch.ones(out.shape[2], dtype=out.dtype, device=out.device)
+        scale[list(self.config.heads)] = self.config.head_scale
+        return out * scale[None, None, :, None]
+
+
+class LastRowProbe(Probe):
+    attention_rows = "last"
+
+
+def max_score_diff(a, b) -> float:
+    """Largest absolute difference of per-step scores, ignoring -inf entries masked by processors."""
+    return max(
+        (x.nan_to_num(neginf=0.0, posinf=0.0) - y.nan_to_num(neginf=0.0, posinf=0.0)).abs().max().item()
+        for x, y in zip(a.scores, b.scores, strict=True)
+    )
+
+
+def snapshot(model) -> dict:
+    """Everything apply() may touch: attention implementations, hooks, halludec attributes, forward, weights."""
+    configs = {"": model.config._attn_implementation}
+    for key in model.config.sub_configs:
+        sub = getattr(model.config, key, None)
+        if sub is not None:
+            configs[key] = sub._attn_implementation
+    hooks = {}
+    attrs = {}
+    for name, mod in model.named_modules():
+        hooks[name] = tuple(
+            len(getattr(mod, h))
+            for h in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_forward_hooks_with_kwargs")
+        )
+        attrs[name] = sorted(k for k in vars(mod) if k.startswith("_halludec"))
+    return {
+        "configs": configs,
+        "hooks": hooks,
+        "attrs": attrs,
+        "forward": model.forward,
+        "state": {k: v.clone() for k, v in model.state_dict().items()},
+        "training": model.training,
+    }
+
+
+def assert_same_snapshot(before: dict, after: dict) -> None:
+    assert before["configs"] == after["configs"]
+    assert before["hooks"] == after["hooks"]
+    assert before["attrs"] == after["attrs"]
+    assert before["forward"] == after["forward"]
+    assert before["training"] == after["training"]
+    assert before["state"].keys() == after["state"].keys()
+    for k, v in before["state"].items():
+        assert torch.equal(v, after["state"][k]), k

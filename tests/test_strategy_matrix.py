@@ -1,0 +1,53 @@
+"""The strategy matrix: generic checks over every registered strategy x every tiny family.
+
+Each registered strategy has one row: a neutral config (must equal plain ``generate`` token for token) and an
+active config (must change the output), or ``None`` where a strategy has no active form (``none``).
+A strategy registered without a row fails ``test_every_strategy_has_a_row``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import halludec
+from halludec.decoding import STRATEGIES
+from tests.helpers import assert_same_snapshot, snapshot
+
+# name -> (neutral overrides, active overrides or None)
+MATRIX: dict[str, tuple[dict, dict | None]] = {
+    "none": ({}, None),
+}
+
+KW = {"max_new_tokens": 6, "min_new_tokens": 6, "do_sample": False}
+
+
+def test_every_strategy_has_a_row():
+    missing = sorted(set(STRATEGIES.names()) - set(MATRIX))
+    assert not missing, f"strategies without a row in the strategy matrix: {missing}"
+
+
+@pytest.mark.parametrize("name", sorted(MATRIX))
+def test_neutral_equals_generate(name, model_and_batch):
+    model, processor, batch = model_and_batch
+    neutral, _ = MATRIX[name]
+    before = snapshot(model)
+    plain = model.generate(**batch, **KW)
+    ours = halludec.generate(model, batch, halludec.get_strategy(name, **neutral), processor=processor, **KW)
+    assert torch.equal(plain, ours)
+    assert_same_snapshot(before, snapshot(model))
+
+
+@pytest.mark.parametrize("name", sorted(n for n, (_, active) in MATRIX.items() if active is not None))
+def test_active_changes_output(name, model_and_batch):
+    model, processor, batch = model_and_batch
+    _, active = MATRIX[name]
+    before = snapshot(model)
+    plain = model.generate(**batch, **KW, output_scores=True, return_dict_in_generate=True)
+    ours = halludec.generate(
+        model, batch, halludec.get_strategy(name, **active), processor=processor, **KW,
+        output_scores=True, return_dict_in_generate=True,
+    )
+    changed = any(not torch.allclose(a, b) for a, b in zip(plain.scores, ours.scores, strict=True))
+    assert changed
+    assert_same_snapshot(before, snapshot(model))
