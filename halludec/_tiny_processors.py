@@ -131,17 +131,22 @@ LLAVA_TEMPLATE = (
 )
 #: "<bos><start_of_turn>user\n<start_of_image>{q}<end_of_turn>\n<start_of_turn>model\n"
 GEMMA3_TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}"
-    "\n" + _content("<start_of_image>") + "<end_of_turn>\n{% endfor %}"
+    "{{ bos_token }}{% for m in messages %}"
+    "<start_of_turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n"
+    + _content("<start_of_image>")
+    + "<end_of_turn>\n{% endfor %}"
     "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
 )
 #: "<|im_start|>User:<image>{q}<end_of_utterance>\nAssistant:"
 IDEFICS_TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}{{ m['role'] | capitalize }}:" + _content("<image>")
+    "{{ bos_token }}{% for m in messages %}{{ m['role'] | capitalize }}:"
+    + _content("<image>")
     + "<end_of_utterance>\n{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}"
 )
 #: "<image>{q}"; the processor then inserts <bos> after the image tokens and appends "\n".
-PALIGEMMA_TEMPLATE = "{% for m in messages %}{% if m['role'] == 'user' %}" + _content("<image>") + "{% endif %}{% endfor %}"
+PALIGEMMA_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'user' %}" + _content("<image>") + "{% endif %}{% endfor %}"
+)
 
 
 class _NoVideoMixin(ProcessorMixin):
@@ -159,14 +164,20 @@ def _no_video(base: type[ProcessorMixin]) -> type[ProcessorMixin]:
     ``video_processor`` removes the attribute; the family's own ``__init__`` still runs and sets its tokens.
     """
 
-    def __init__(self: Any, image_processor: Any = None, tokenizer: Any = None, chat_template: Any = None, **kwargs: Any):
-        base.__init__(
-            self, image_processor=image_processor, tokenizer=tokenizer, video_processor=None,
-            chat_template=chat_template, **kwargs,
-        )
+    class _Tiny(base, _NoVideoMixin):  # type: ignore[valid-type,misc]
+        def __init__(
+            self, image_processor: Any = None, tokenizer: Any = None, chat_template: Any = None, **kwargs: Any
+        ) -> None:
+            super().__init__(
+                image_processor=image_processor,
+                tokenizer=tokenizer,
+                video_processor=None,
+                chat_template=chat_template,
+                **kwargs,
+            )
 
-    name = f"Tiny{base.__name__}"
-    return type(name, (base, _NoVideoMixin), {"__init__": __init__, "__module__": __name__, "__qualname__": name})
+    _Tiny.__name__ = _Tiny.__qualname__ = f"Tiny{base.__name__}"
+    return _Tiny
 
 
 TinyQwen2VLProcessor = _no_video(Qwen2VLProcessor)
@@ -180,8 +191,14 @@ TinyInternVLProcessor.images_kwargs = {"crop_to_patches": False}  # one 28x28 ti
 class TinySmolVLMProcessor(SmolVLMProcessor):
     """``SmolVLMProcessor`` without the video processor and the ``num2words`` requirement (videos only)."""
 
-    def __init__(self, image_processor: Any = None, tokenizer: Any = None, image_seq_len: int = 169,
-                 chat_template: str | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        image_processor: Any = None,
+        tokenizer: Any = None,
+        image_seq_len: int = 169,
+        chat_template: str | None = None,
+        **kwargs: Any,
+    ) -> None:
         self.fake_image_token = tokenizer.fake_image_token
         self.image_token = tokenizer.image_token
         self.image_token_id = tokenizer.image_token_id
@@ -200,8 +217,11 @@ def _llava(model_type: str) -> ProcessorMixin:
     size = {"shortest_edge": CLIP_IMAGE}
     crop = {"height": CLIP_IMAGE, "width": CLIP_IMAGE}
     common: dict[str, Any] = {
-        "tokenizer": tok, "patch_size": CLIP_PATCH, "vision_feature_select_strategy": "default",
-        "num_additional_image_tokens": 1, "chat_template": LLAVA_TEMPLATE,
+        "tokenizer": tok,
+        "patch_size": CLIP_PATCH,
+        "vision_feature_select_strategy": "default",
+        "num_additional_image_tokens": 1,
+        "chat_template": LLAVA_TEMPLATE,
     }
     if model_type == "llava":
         return LlavaProcessor(image_processor=CLIPImageProcessorPil(size=size, crop_size=crop), **common)
@@ -215,39 +235,59 @@ def _llava_onevision(model_type: str) -> ProcessorMixin:
         size={"height": OV_IMAGE, "width": OV_IMAGE}, image_grid_pinpoints=OV_GRID
     )
     return TinyLlavaOnevisionProcessor(
-        image_processor=image_processor, tokenizer=tok, chat_template=_chatml("<image>\n"),
-        num_image_tokens=(OV_IMAGE // OV_PATCH) ** 2, vision_feature_select_strategy="full",
+        image_processor=image_processor,
+        tokenizer=tok,
+        chat_template=_chatml("<image>\n"),
+        num_image_tokens=(OV_IMAGE // OV_PATCH) ** 2,
+        vision_feature_select_strategy="full",
     )
 
 
 def _qwen(model_type: str) -> ProcessorMixin:
     named = {
-        "image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
-        "vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>",
+        "image_token": "<|image_pad|>",
+        "video_token": "<|video_pad|>",
+        "vision_start_token": "<|vision_start|>",
+        "vision_end_token": "<|vision_end|>",
     }
     tok = byte_level_tokenizer("<|endoftext|>", "<|im_end|>", named, ("<|im_start|>",))
     factor = QWEN_PATCH[model_type] * 2  # patch * spatial merge
     image_processor = Qwen2VLImageProcessorPil(
         size={"shortest_edge": (2 * factor) ** 2, "longest_edge": (4 * factor) ** 2},
-        patch_size=QWEN_PATCH[model_type], merge_size=2, temporal_patch_size=2,
+        patch_size=QWEN_PATCH[model_type],
+        merge_size=2,
+        temporal_patch_size=2,
     )
-    cls = {"qwen2_vl": TinyQwen2VLProcessor, "qwen2_5_vl": TinyQwen2_5_VLProcessor, "qwen3_vl": TinyQwen3VLProcessor}
+    cls = {
+        "qwen2_vl": TinyQwen2VLProcessor,
+        "qwen2_5_vl": TinyQwen2_5_VLProcessor,
+        "qwen3_vl": TinyQwen3VLProcessor,
+    }
     template = _chatml("<|vision_start|><|image_pad|><|vision_end|>")
     return cls[model_type](image_processor=image_processor, tokenizer=tok, chat_template=template)
 
 
 def _gemma3(model_type: str) -> ProcessorMixin:
-    named = {"image_token": "<image_soft_token>", "boi_token": "<start_of_image>", "eoi_token": "<end_of_image>"}
+    named = {
+        "image_token": "<image_soft_token>",
+        "boi_token": "<start_of_image>",
+        "eoi_token": "<end_of_image>",
+    }
     tok = byte_level_tokenizer("<bos>", "<end_of_turn>", named, ("<eos>", "<start_of_turn>"))
     image_processor = Gemma3ImageProcessorPil(size={"height": GEMMA3_IMAGE, "width": GEMMA3_IMAGE})
     return Gemma3Processor(
-        image_processor=image_processor, tokenizer=tok, chat_template=GEMMA3_TEMPLATE, image_seq_length=GEMMA3_TOKENS
+        image_processor=image_processor,
+        tokenizer=tok,
+        chat_template=GEMMA3_TEMPLATE,
+        image_seq_length=GEMMA3_TOKENS,
     )
 
 
 def _internvl(model_type: str) -> ProcessorMixin:
     named = {
-        "start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>",
+        "start_image_token": "<img>",
+        "end_image_token": "</img>",
+        "context_image_token": "<IMG_CONTEXT>",
         "video_token": "<video>",
     }
     tok = byte_level_tokenizer("<|endoftext|>", "<|im_end|>", named, ("<|im_start|>",))
@@ -255,28 +295,37 @@ def _internvl(model_type: str) -> ProcessorMixin:
         size={"height": INTERNVL_IMAGE, "width": INTERNVL_IMAGE}, crop_to_patches=False
     )
     return TinyInternVLProcessor(
-        image_processor=image_processor, tokenizer=tok, chat_template=_chatml("<IMG_CONTEXT>\n"),
+        image_processor=image_processor,
+        tokenizer=tok,
+        chat_template=_chatml("<IMG_CONTEXT>\n"),
         image_seq_length=INTERNVL_TOKENS,
     )
 
 
 def _idefics(model_type: str) -> ProcessorMixin:
     named = {
-        "image_token": "<image>", "fake_image_token": "<fake_token_around_image>",
-        "global_image_token": "<global-img>", "end_of_utterance_token": "<end_of_utterance>",
+        "image_token": "<image>",
+        "fake_image_token": "<fake_token_around_image>",
+        "global_image_token": "<global-img>",
+        "end_of_utterance_token": "<end_of_utterance>",
     }
     tok = byte_level_tokenizer("<|im_start|>", "<end_of_utterance>", named)
     kwargs: dict[str, Any] = {
-        "size": {"longest_edge": IDEFICS_IMAGE}, "max_image_size": {"longest_edge": IDEFICS_IMAGE},
+        "size": {"longest_edge": IDEFICS_IMAGE},
+        "max_image_size": {"longest_edge": IDEFICS_IMAGE},
         "do_image_splitting": False,
     }
     if model_type == "smolvlm":
         return TinySmolVLMProcessor(
-            image_processor=SmolVLMImageProcessorPil(**kwargs), tokenizer=tok, image_seq_len=IDEFICS_TOKENS,
+            image_processor=SmolVLMImageProcessorPil(**kwargs),
+            tokenizer=tok,
+            image_seq_len=IDEFICS_TOKENS,
             chat_template=IDEFICS_TEMPLATE,
         )
     return Idefics3Processor(
-        image_processor=Idefics3ImageProcessorPil(**kwargs), tokenizer=tok, image_seq_len=IDEFICS_TOKENS,
+        image_processor=Idefics3ImageProcessorPil(**kwargs),
+        tokenizer=tok,
+        image_seq_len=IDEFICS_TOKENS,
         chat_template=IDEFICS_TEMPLATE,
     )
 
@@ -290,9 +339,17 @@ def _paligemma(model_type: str) -> ProcessorMixin:
 
 
 _BUILDERS = {
-    "llava": _llava, "llava_next": _llava, "llava_onevision": _llava_onevision,
-    "qwen2_vl": _qwen, "qwen2_5_vl": _qwen, "qwen3_vl": _qwen, "gemma3": _gemma3, "internvl": _internvl,
-    "smolvlm": _idefics, "idefics3": _idefics, "paligemma": _paligemma,
+    "llava": _llava,
+    "llava_next": _llava,
+    "llava_onevision": _llava_onevision,
+    "qwen2_vl": _qwen,
+    "qwen2_5_vl": _qwen,
+    "qwen3_vl": _qwen,
+    "gemma3": _gemma3,
+    "internvl": _internvl,
+    "smolvlm": _idefics,
+    "idefics3": _idefics,
+    "paligemma": _paligemma,
 }
 
 

@@ -53,7 +53,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     questions = ["Is there a dog in the image?", "What colour is the large object on the left?"]
     batch = tiny_batch(processor, args.family, questions, seed=args.seed)
     gen = {"max_new_tokens": args.new_tokens, "do_sample": False}
-    print(f"model: tiny random-weight {type(model).__name__} built from config ({args.family}); batch of 2, left-padded")
+    print(
+        f"model: tiny random-weight {type(model).__name__} built from config ({args.family}); batch of 2, left-padded"
+    )
     with torch.inference_mode():
         t0 = time.perf_counter()
         plain = model.generate(**batch, **gen)

@@ -14,6 +14,7 @@ Example:
 
 from __future__ import annotations
 
+import warnings
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -64,7 +65,8 @@ _VISION: dict[str, Any] = {
     "num_hidden_layers": 2,
     "num_attention_heads": 4,
 }
-_MROPE: dict[str, Any] = {"rope_type": "default", "rope_theta": 1e4, "mrope_section": [2, 3, 3]}  # sums to 16 / 2
+# Multimodal RoPE: the (temporal, height, width) sections sum to head_dim / 2 = 8.
+_MROPE: dict[str, Any] = {"rope_type": "default", "rope_theta": 1e4, "mrope_section": [2, 3, 3]}
 
 
 def _check(model_type: str) -> None:
@@ -198,6 +200,7 @@ def _idefics_config(model_type: str, tok: PreTrainedTokenizerBase) -> Pretrained
         vision_config=vision_cls(**_VISION, image_size=tp.IDEFICS_IMAGE, patch_size=tp.IDEFICS_PATCH),
         image_token_id=tok.image_token_id,
         scale_factor=2,
+        pad_token_id=tok.pad_token_id,  # deprecated top-level copy; its default (128002) is out of range
     )
 
 
@@ -269,13 +272,17 @@ def build_tiny(model_type: str, seed: int = 0) -> tuple[PreTrainedModel, Process
     return model, processor
 
 
-def _noise_images(sizes: list[tuple[int, int]], seed: int) -> list[Any]:
-    """Uniform RGB noise images, one per ``(height, width)``, from ``numpy.random.default_rng(seed)``."""
+def _noise_images(sizes: list[tuple[int, int]], seed: int, first_index: int) -> list[Any]:
+    """Uniform RGB noise images, one per ``(height, width)``.
+
+    Image ``k`` (``k = first_index + row``) is drawn from its own ``numpy.random.default_rng([seed, k])``, so
+    it does not depend on the other rows.
+    """
     from PIL import Image
 
-    rng = np.random.default_rng(seed)
     images = []
-    for height, width in sizes:
+    for row, (height, width) in enumerate(sizes):
+        rng = np.random.default_rng([seed, first_index + row])
         pixels = rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)  # (H, W, 3)
         images.append(Image.fromarray(pixels))
     return images
@@ -287,6 +294,7 @@ def tiny_batch(
     questions: list[str],
     image_sizes: list[tuple[int, int]] | None = None,
     seed: int = 0,
+    image_seed_offset: int = 0,
 ) -> BatchFeature:
     """Build a left-padded generation batch: one random-noise image and one question per row.
 
@@ -302,7 +310,10 @@ def tiny_batch(
         image_sizes: ``(height, width)`` of each row's image; defaults to a size that suits the family
             (LLaVA 30x30, LLaVA-NeXT 30x60, OneVision 32x64, Qwen2/2.5-VL 56x84, Qwen3-VL 64x96,
             Gemma3/SmolVLM/Idefics3 32x32, InternVL/PaliGemma 28x28).
-        seed: Seed of the noise images (``numpy.random.default_rng``).
+        seed: Seed of the noise images: row ``i`` draws from
+            ``numpy.random.default_rng([seed, image_seed_offset + i])``.
+        image_seed_offset: Index of the first row's image. A one-row batch with ``image_seed_offset=i`` (and
+            the same size) reproduces the image of row ``i`` of a batch built with offset 0.
 
     Returns:
         A ``BatchFeature`` of torch tensors that ``model.generate(**batch)`` accepts: ``input_ids`` and
@@ -319,21 +330,25 @@ def tiny_batch(
 
     if not questions:
         raise ValueError("tiny_batch needs at least one question.")
-    sizes = list(image_sizes) if image_sizes is not None else [tp.DEFAULT_IMAGE_SIZE[model_type]] * len(questions)
+    default = tp.DEFAULT_IMAGE_SIZE[model_type]
+    sizes = list(image_sizes) if image_sizes is not None else [default] * len(questions)
     if len(sizes) != len(questions):
         raise ValueError(f"Got {len(sizes)} image sizes for {len(questions)} questions.")
-    images = _noise_images(sizes, seed)
+    images = _noise_images(sizes, seed, image_seed_offset)
     conversations = [
         [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": question}]}]
-        for image, question in zip(images, questions)
+        for image, question in zip(images, questions, strict=True)
     ]
-    batch = processor.apply_chat_template(
-        conversations,
-        add_generation_prompt=True,
-        tokenize=True,
-        return_dict=True,
-        return_tensors="pt",
-        processor_kwargs={"padding": True, "padding_side": "left"},
-    )
+    with warnings.catch_warnings():
+        # PaliGemma's processor builds its (unused) labels with np.array(tensor), which numpy 2 flags.
+        warnings.filterwarnings("ignore", message="__array__ implementation", category=DeprecationWarning)
+        batch = processor.apply_chat_template(
+            conversations,
+            add_generation_prompt=True,
+            tokenize=True,
+            return_dict=True,
+            return_tensors="pt",
+            processor_kwargs={"padding": True, "padding_side": "left"},
+        )
     batch.pop("labels", None)  # PaliGemma's processor adds training labels; generate does not want them
     return batch

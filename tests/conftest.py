@@ -22,7 +22,11 @@ _CACHE: dict[str, tuple] = {}
 def tiny(family: str):
     """(model, processor) for ``family``, built once per test session."""
     if family not in _CACHE:
-        _CACHE[family] = build_tiny(family, seed=0)
+        model, processor = build_tiny(family, seed=0)
+        # One plain call first: transformers installs its output-capturing hooks lazily on the first forward;
+        # restoration tests compare against the model as users hold it after that.
+        model.generate(**tiny_batch(processor, family, QUESTIONS[:1], seed=0), max_new_tokens=1)
+        _CACHE[family] = (model, processor)
     return _CACHE[family]
 
 

@@ -33,6 +33,9 @@ class Probe(Strategy):
 
     def edit_scores(self, scores, ctx):
         self.config.seen.append((ctx.layer_idx, ctx.q_len, ctx.kv_len))
+        expected_rows = 1 if type(self).attention_rows == "last" else ctx.q_len
+        if scores.shape[2] != expected_rows:
+            raise AssertionError(f"scores have {scores.shape[2]} query rows, expected {expected_rows}")
         if self.config.bias == 0.0 or not self.config.heads:
             return scores
         heads = torch.zeros(scores.shape[1], dtype=torch.bool, device=scores.device)

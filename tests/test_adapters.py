@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import halludec
+from halludec.tiny import TINY_FAMILIES, tiny_batch
 from halludec.vlm_adapters.spans import contiguous_runs
 from tests.conftest import QUESTIONS, REQUIRED_FAMILIES, tiny
-from halludec.tiny import TINY_FAMILIES, tiny_batch
 
 
 def test_required_families_are_covered():
@@ -146,15 +146,41 @@ def test_noised_image_inputs_are_seeded_and_scaled():
         adapter.noised_image_inputs(batch, 1000)
 
 
-@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "gemma3", "idefics3"])
 def test_vision_attentions_are_probabilities_and_restore(family):
+    from halludec.decoding.vision import vision_attentions
+    from tests.helpers import assert_same_snapshot, snapshot
+
     model, processor = tiny(family)
     batch = tiny_batch(processor, family, QUESTIONS, seed=0)
     adapter = halludec.get_adapter(model)
-    before = model.config.vision_config._attn_implementation
-    maps = adapter.vision_attentions(batch, layers=[0, -1])
-    assert set(maps) == {0, len(adapter.vision_attention_modules()) - 1}
-    for probs in maps.values():
-        assert probs.dim() == 4
-        torch.testing.assert_close(probs.sum(-1), torch.ones_like(probs.sum(-1)), atol=1e-5, rtol=0)
-    assert model.config.vision_config._attn_implementation == before
+    before = snapshot(model)
+    maps = vision_attentions(adapter, batch, layers=[0, -1])
+    n_layers = len(adapter.vision_attention_modules())
+    assert set(maps) == {0, n_layers - 1}
+    for per_image in maps.values():
+        assert len(per_image) >= 2  # both rows' images (tiles count as images where the family tiles)
+        for probs in per_image:
+            assert probs.dim() == 3
+            assert probs.shape[-1] == probs.shape[-2]
+            torch.testing.assert_close(probs.sum(-1), torch.ones_like(probs.sum(-1)), atol=1e-5, rtol=0)
+    assert_same_snapshot(before, snapshot(model))
+    with pytest.raises(ValueError, match="out of range"):
+        vision_attentions(adapter, batch, layers=[n_layers])
+
+
+def test_vision_attentions_match_eager_reference():
+    """CLIP's own eager attentions (output_attentions=True) equal the recorded maps."""
+    from halludec.decoding.vision import vision_attentions
+
+    model, processor = tiny("llava")
+    batch = tiny_batch(processor, "llava", QUESTIONS, seed=0)
+    adapter = halludec.get_adapter(model)
+    maps = vision_attentions(adapter, batch)
+    model.set_attn_implementation({"vision_config": "eager"})
+    try:
+        ref = adapter.vision_tower(batch["pixel_values"], output_attentions=True).attentions
+    finally:
+        model.set_attn_implementation({"vision_config": "sdpa"})
+    for layer, probs in maps.items():
+        torch.testing.assert_close(torch.stack(probs), ref[layer], atol=1e-6, rtol=1e-5)

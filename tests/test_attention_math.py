@@ -10,9 +10,9 @@ import torch
 import halludec
 from halludec.decoding.attention import apply_mask, eager_attention
 from halludec.decoding.context import LayerPlan
-from tests.conftest import tiny
-from tests.helpers import Probe
 from halludec.tiny import tiny_batch
+from tests.conftest import tiny
+from tests.helpers import LastRowProbe, Probe
 
 
 class _Module(torch.nn.Module):
@@ -82,9 +82,8 @@ def test_last_row_plan_equals_all_rows_plan():
     torch.manual_seed(1)
     q, k, v = torch.randn(1, 4, 6, 8), torch.randn(1, 2, 6, 8), torch.randn(1, 2, 6, 8)
     mask = torch.tril(torch.ones(6, 6, dtype=torch.bool)).expand(1, 1, 6, 6)
-    probe = Probe(layers=(0,))
     outs = []
-    for rows in ("all", "last"):
+    for rows, probe in (("all", Probe(layers=(0,))), ("last", LastRowProbe(layers=(0,)))):
         plan = LayerPlan(prob_strategies=[probe], rows=rows)
         outs.append(eager_attention(_Module(groups=2), q, k, v, mask, (_FakeCall(), plan), scaling=0.3)[0])
     torch.testing.assert_close(outs[0], outs[1], atol=1e-6, rtol=1e-6)

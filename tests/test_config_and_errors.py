@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import pytest
 import torch
@@ -10,9 +11,9 @@ import torch
 import halludec
 from halludec.decoding import STRATEGIES, Strategy, StrategyConfig, check_range, get_strategy, register_strategy
 from halludec.registry import Registry
+from halludec.tiny import tiny_batch
 from tests.conftest import tiny
 from tests.helpers import Probe
-from halludec.tiny import tiny_batch
 
 
 def test_registry_did_you_mean_and_duplicates():
@@ -41,7 +42,7 @@ class _Cfg(StrategyConfig):
 
 class _Toy(Strategy):
     config_class = _Cfg
-    presets = {"strong": {"alpha": 0.9}}
+    presets: ClassVar[dict] = {"strong": {"alpha": 0.9}}
     needs_image = True
 
 
@@ -93,9 +94,8 @@ def test_layer_out_of_range_is_a_clear_error():
 
 def test_missing_input_ids_is_a_clear_error():
     model, _ = tiny("llava")
-    with pytest.raises(ValueError, match="needs `input_ids`"):
-        with halludec.apply(model, "none", {"inputs_embeds": torch.zeros(1, 2, 64)}):
-            pass
+    with pytest.raises(ValueError, match="needs `input_ids`"), halludec.apply(model, "none", {"x": torch.zeros(1)}):
+        pass
 
 
 def test_composition_accepts_lists_and_rejects_empty():

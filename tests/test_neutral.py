@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import halludec
+from halludec.tiny import tiny_batch
 from tests.conftest import QUESTIONS, tiny
 from tests.helpers import LastRowProbe, Probe, max_score_diff
-from halludec.tiny import tiny_batch
 
 GREEDY = {"max_new_tokens": 6, "min_new_tokens": 6, "do_sample": False}
 SCORES = {"output_scores": True, "return_dict_in_generate": True}
@@ -51,8 +51,7 @@ def test_explicit_attention_path_matches_sdpa(model_and_batch, probe_cls):
     assert max_score_diff(plain, ours) < 2e-5
     calls = probe.config.seen
     prefill_len = batch["input_ids"].shape[1]
-    q_prefill = 1 if probe_cls is LastRowProbe else prefill_len
-    assert (0, q_prefill, prefill_len) in calls  # prefill
+    assert (0, prefill_len, prefill_len) in calls  # prefill
     assert any(q == 1 and k > prefill_len for (_, q, k) in calls)  # cached decode steps
 
 

@@ -45,8 +45,13 @@ def test_active_changes_output(name, model_and_batch):
     before = snapshot(model)
     plain = model.generate(**batch, **KW, output_scores=True, return_dict_in_generate=True)
     ours = halludec.generate(
-        model, batch, halludec.get_strategy(name, **active), processor=processor, **KW,
-        output_scores=True, return_dict_in_generate=True,
+        model,
+        batch,
+        halludec.get_strategy(name, **active),
+        processor=processor,
+        **KW,
+        output_scores=True,
+        return_dict_in_generate=True,
     )
     changed = any(not torch.allclose(a, b) for a, b in zip(plain.scores, ours.scores, strict=True))
     assert changed

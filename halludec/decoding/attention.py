@@ -24,6 +24,8 @@ from halludec.decoding.context import CallContext, LayerContext, LayerPlan
 ATTN_NAME = "halludec"
 CONTROLLER_ATTR = "_halludec_call"
 """Attribute set on each steered text attention module for the duration of one call."""
+RECORD_ATTR = "_halludec_record"
+"""Attribute holding a list: when set on an attention module, its probabilities ``[B, H, q, K]`` are appended."""
 
 
 def halludec_attention(
@@ -47,6 +49,11 @@ def halludec_attention(
     Returns:
         ``(out [B, q, H, d], None)``.
     """
+    record: list | None = getattr(module, RECORD_ATTR, None)
+    if record is not None:  # reading attention maps (e.g. of the vision tower): eager, probabilities kept
+        out, probs = eager_attention(module, query, key, value, attention_mask, None, keep_probs=True, **kwargs)
+        record.append(probs)
+        return out, None
     call: CallContext | None = getattr(module, CONTROLLER_ATTR, None)
     layer = getattr(module, "layer_idx", None)
     plan = None if call is None or layer is None else call.plans.get(layer)
@@ -66,31 +73,41 @@ def eager_attention(
     steering: tuple[CallContext, LayerPlan] | None,
     scaling: float | None = None,
     softcap: float | None = None,
+    keep_probs: bool = False,
     **kwargs: Any,
-) -> tuple[torch.Tensor, None]:
-    """Explicit float32 attention, with the strategy edits of ``steering`` (None: plain eager)."""
-    bsz, n_heads, q_len, head_dim = query.shape
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Explicit float32 attention, with the strategy edits of ``steering`` (None: plain eager).
+
+    Returns ``(out [B, q, H, d], probs [B, H, q, K] when keep_probs else None)``.
+    """
+    causal = kwargs.pop("is_causal", None)
+    causal = getattr(module, "is_causal", True) if causal is None else causal
+    bsz, _, q_len, head_dim = query.shape
     kv_len = key.shape[2]
     scaling = head_dim**-0.5 if scaling is None else scaling
     call, plan = steering if steering is not None else (None, None)
     ctx = LayerContext(call, module, q_len, kv_len, bsz) if call is not None else None
-    out = None
+    probs = None
     if plan is not None and plan.prob_strategies:
         if plan.rows == "last" and q_len > 1 and softcap is None:
             # sdpa for every row, then the last row recomputed explicitly and replaced.
-            out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
-            last = _attend(module, query[:, :, -1:], key, value, _last_row(attention_mask), ctx, plan, scaling, None)
+            out, _ = sdpa_attention_forward(
+                module, query, key, value, attention_mask, scaling=scaling, is_causal=causal, **kwargs
+            )
+            last, _ = _attend(module, query[:, :, -1:], key, value, _last_row(attention_mask), ctx, plan, scaling)
             out = torch.cat([out[:, :-1], last], dim=1)  # [B, q, H, d]
         else:
-            out = _attend(module, query, key, value, attention_mask, ctx, plan, scaling, softcap)
+            out, probs = _attend(module, query, key, value, attention_mask, ctx, plan, scaling, softcap, causal)
     elif plan is None or softcap is not None:
-        out = _attend(module, query, key, value, attention_mask, None, None, scaling, softcap)
+        out, probs = _attend(module, query, key, value, attention_mask, None, None, scaling, softcap, causal)
     else:
-        out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+        out, _ = sdpa_attention_forward(
+            module, query, key, value, attention_mask, scaling=scaling, is_causal=causal, **kwargs
+        )
     if plan is not None:
         for strategy in plan.head_strategies:
             out = strategy.edit_head_outputs(out, ctx)
-    return out, None
+    return out, (probs if keep_probs else None)
 
 
 def _last_row(mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -106,9 +123,10 @@ def _attend(
     ctx: LayerContext | None,
     plan: LayerPlan | None,
     scaling: float,
-    softcap: float | None,
-) -> torch.Tensor:
-    """Float32 softmax attention of ``query`` rows against all keys; returns ``[B, q, H, d]``."""
+    softcap: float | None = None,
+    causal: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float32 softmax attention of ``query`` rows against all keys; returns ``(out [B, q, H, d], probs)``."""
     n_rep = getattr(module, "num_key_value_groups", 1)
     q = query.float()  # [B, H, q, d]
     k = repeat_kv(key, n_rep).float()  # [B, H, K, d]
@@ -116,7 +134,7 @@ def _attend(
     scores = torch.matmul(q, k.transpose(2, 3)) * scaling  # [B, H, q, K]
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
-    scores = apply_mask(scores, mask)
+    scores = apply_mask(scores, mask, causal)
     strategies = plan.prob_strategies if plan is not None else []
     for strategy in strategies:
         scores = strategy.edit_scores(scores, ctx)
@@ -124,22 +142,25 @@ def _attend(
     for strategy in strategies:
         probs = strategy.edit_probs(probs, ctx)
     out = torch.matmul(probs, v)  # [B, H, q, d]
-    return out.to(query.dtype).transpose(1, 2).contiguous()  # [B, q, H, d]
+    return out.to(query.dtype).transpose(1, 2).contiguous(), probs  # [B, q, H, d], [B, H, q, K]
 
 
-def apply_mask(scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+def apply_mask(scores: torch.Tensor, mask: torch.Tensor | None, causal: bool = True) -> torch.Tensor:
     """Apply a transformers attention mask to float32 scores ``[B, H, q, K]``.
 
     Args:
         scores: Scaled ``QK^T``.
         mask: bool ``[B|1, 1, q, K]`` (True = attend), additive float of that shape, or None, meaning plain
             causal attention where the ``q`` rows are the last ``q`` positions of the ``K`` keys.
+        causal: With ``mask=None``: False means no masking at all (bidirectional encoders).
 
     Returns:
         Masked scores; masked entries hold ``finfo(float32).min`` (never -inf, so fully masked pad rows give a
         uniform row instead of NaN).
     """
     low = torch.finfo(scores.dtype).min
+    if mask is None and not causal:
+        return scores
     if mask is None:
         q_len, kv_len = scores.shape[-2:]
         rows = torch.arange(q_len, device=scores.device)[:, None] + (kv_len - q_len)  # [q, 1]

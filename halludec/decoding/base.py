@@ -145,7 +145,7 @@ STRATEGIES: Registry[type[Strategy]] = Registry(
 )
 
 
-def register_strategy(name: str):  # noqa: ANN201 - decorator
+def register_strategy(name: str):
     """Class decorator registering a ``Strategy`` subclass under ``name`` (and setting ``cls.name``)."""
 
     def add(cls: type[Strategy]) -> type[Strategy]:

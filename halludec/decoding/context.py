@@ -117,7 +117,8 @@ class LayerContext:
     Args:
         call: The call context.
         module: The attention module (``module.layer_idx`` is the layer).
-        q_len: Query rows in this call (the prompt length at prefill, 1 when decoding).
+        q_len: Query rows of this attention call (the prompt length at prefill, 1 when decoding). With
+            ``attention_rows = "last"`` the score/probability hooks receive only the last of these rows.
         kv_len: Key length ``K`` (the cache length; the full static length on the static path).
         batch: Rows in this call (inputs' rows x beams / return sequences).
     """

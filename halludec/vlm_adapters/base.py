@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -220,12 +219,19 @@ class VLMAdapter:
         if questions is None:
             owner = chat_template_owner or tokenizer
             image_token = getattr(owner, "image_token", None) or getattr(tok, "image_token", None)
-            parts = template_parts(owner, image_token)
+            before, after = template_parts(owner, image_token)
+            special = _special_ids(tok)
+            for tid in special:
+                before = before.replace(tok.convert_ids_to_tokens(tid), "")
+            parts = (before, after)
         spans: list[Span] = []
         image_spans = self.image_spans(input_ids)
         pad_id = getattr(tok, "pad_token_id", None)
         for row, (ids, img) in enumerate(zip(input_ids.tolist(), image_spans, strict=True)):
             start = img[-1][1] if img else _first_non_pad(ids, pad_id)
+            if questions is None:  # template tokens closing the image (</img>, <|vision_end|>, <bos>, ...)
+                while start < len(ids) and ids[start] in special:
+                    start += 1
             tail = ids[start:]
             pieces = [tok.decode(tail[: k + 1], skip_special_tokens=False) for k in range(len(tail))]
             text = pieces[-1] if pieces else ""
@@ -327,43 +333,14 @@ class VLMAdapter:
             raise ValueError(f"Found no self-attention modules in the vision tower {type(tower).__name__}.")
         return mods
 
-    @torch.no_grad()
-    def vision_attentions(self, inputs: Mapping[str, Any], layers: Sequence[int] | None = None) -> dict[int, Any]:
-        """Attention maps of the vision tower for the images in ``inputs``.
-
-        The vision sub-config is switched to eager attention for this one encoder pass and restored afterwards.
-
-        Args:
-            inputs: Model inputs holding the image tensors (``pixel_values`` and, for Qwen, ``image_grid_thw``).
-            layers: Vision layers to return (negative indices allowed); all when None.
-
-        Returns:
-            ``{layer: probs}`` with the probabilities ``[n_images_or_1, H, P, P]`` each vision layer computed.
-        """
-        mods = self.vision_attention_modules()
-        wanted = range(len(mods)) if layers is None else [i % len(mods) for i in layers]
-        maps: dict[int, Any] = {}
-        vision_key = self._vision_config_key()
-        previous = getattr(self.config, vision_key)._attn_implementation
-        with ExitStack() as stack:
-            self.model.set_attn_implementation({vision_key: "eager"})
-            stack.callback(self.model.set_attn_implementation, {vision_key: previous})
-            for i in wanted:
-
-                def hook(_mod, _args, output, i=i):
-                    maps[i] = output[1].detach() if isinstance(output, tuple) and len(output) > 1 else None
-
-                stack.callback(mods[i].register_forward_hook(hook).remove)
-            self.run_vision_tower(inputs)
-        return maps
-
     def run_vision_tower(self, inputs: Mapping[str, Any]) -> Any:
-        """Encode the images of ``inputs`` (used by :meth:`vision_attentions`)."""
+        """Encode the images of ``inputs`` with the vision tower (and projector); returns the image features."""
         names = ("pixel_values", "image_grid_thw", "image_sizes", "pixel_attention_mask")
         kwargs = {k: inputs[k] for k in names if inputs.get(k) is not None}
         return self.model.model.get_image_features(**kwargs)
 
-    def _vision_config_key(self) -> str:
+    def vision_config_key(self) -> str:
+        """The name of the vision sub-config (whose attention implementation drives the vision tower)."""
         for key in ("vision_config", "vision_tower_config"):
             if getattr(self.config, key, None) is not None:
                 return key
@@ -383,6 +360,13 @@ def _pad_id(config: Any) -> int:
         if pid is not None:
             return int(pid)
     return 0
+
+
+def _special_ids(tok: Any) -> set[int]:
+    """Ids of special and added tokens (template markup such as ``<|im_start|>`` or ``</img>``)."""
+    ids = set(getattr(tok, "all_special_ids", []) or [])
+    ids.update(int(i) for i in (getattr(tok, "added_tokens_decoder", None) or {}))
+    return ids
 
 
 def _first_non_pad(ids: list[int], pad_id: int | None) -> int:

@@ -61,7 +61,7 @@ def template_parts(owner: Any, image_token: str | None) -> tuple[str, str]:
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": SENTINEL}]}]
     try:
         rendered = owner.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    except Exception as err:  # noqa: BLE001 - any template failure means the same thing to the user
+    except Exception as err:
         raise ValueError(
             f"Cannot render the chat template of {type(owner).__name__} ({err}); pass `questions=[...]` (the "
             "question text of each row) to locate the query span instead."
