@@ -14,6 +14,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import TYPE_CHECKING, Any
 
@@ -24,7 +25,7 @@ if TYPE_CHECKING:
     from transformers import BatchFeature, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
     from transformers.processing_utils import ProcessorMixin
 
-__all__ = ["TINY_FAMILIES", "TINY_QUESTIONS", "build_tiny", "tiny_batch"]
+__all__ = ["TINY_FAMILIES", "TINY_QUESTIONS", "available_tiny_families", "build_tiny", "tiny_batch"]
 
 #: ``config.model_type`` of every family :func:`build_tiny` can build.
 TINY_FAMILIES: tuple[str, ...] = (
@@ -232,6 +233,28 @@ _CONFIGS = {
     "idefics3": _idefics_config,
     "paligemma": _paligemma_config,
 }
+
+
+@functools.cache
+def available_tiny_families() -> tuple[str, ...]:
+    """The families of :data:`TINY_FAMILIES` whose processors build with the installed transformers.
+
+    Some image processors need torchvision in older transformers releases (SmolVLM in 5.17); those families are
+    left out here rather than failing.
+
+    Returns:
+        A sub-tuple of :data:`TINY_FAMILIES`, in the same order.
+    """
+    from halludec import _tiny_processors as tp
+
+    ok = []
+    for model_type in TINY_FAMILIES:
+        try:
+            tp.build_processor(model_type)
+        except ImportError:
+            continue
+        ok.append(model_type)
+    return tuple(ok)
 
 
 def build_tiny(model_type: str, seed: int = 0) -> tuple[PreTrainedModel, ProcessorMixin]:

@@ -11,7 +11,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
-from halludec.tiny import TINY_FAMILIES, build_tiny, tiny_batch  # noqa: E402
+from halludec.tiny import available_tiny_families, build_tiny, tiny_batch  # noqa: E402
 
 REQUIRED_FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl")
 QUESTIONS = ["Is there a red cube in the image?", "What is on the table?"]
@@ -30,7 +30,10 @@ def tiny(family: str):
     return _CACHE[family]
 
 
-@pytest.fixture(params=TINY_FAMILIES)
+FAMILIES = available_tiny_families()
+
+
+@pytest.fixture(params=FAMILIES)
 def family(request) -> str:
     return request.param
 

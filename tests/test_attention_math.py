@@ -144,3 +144,37 @@ def test_head_scaling_equals_o_proj_prehook():
     finally:
         handle.remove()
     torch.testing.assert_close(ours, ref, atol=2e-5, rtol=0)
+
+
+def test_sliding_window_layer_maps_image_keys_by_absolute_position():
+    """Gemma3 sliding layers keep only the last keys; image keys are found at their absolute positions."""
+    model, processor = tiny("gemma3")
+    batch = tiny_batch(processor, "gemma3", ["?"], seed=0)  # short: image keys stay inside the window
+    adapter = halludec.get_adapter(model)
+    sliding = adapter.sliding_layers()
+    assert sliding == [0, 1, 2]
+    seen = []
+
+    class Recorder(Probe):
+        def edit_scores(self, scores, ctx):
+            if ctx.layer_idx == 0:
+                seen.append((ctx.q_len, ctx.kv_len, ctx.image_keys().clone()))
+            return super().edit_scores(scores, ctx)
+
+    image = adapter.image_mask(batch["input_ids"])[0]  # [L]
+    L = image.shape[0]
+    n_new = 6
+    out = halludec.generate(
+        model, batch, Recorder(layers=(0, 3), bias=2.0, heads=(0, 1)), max_new_tokens=n_new, min_new_tokens=n_new
+    )
+    assert out.shape[1] == L + n_new
+    decode = [(k, keys) for q, k, keys in seen if q == 1]
+    assert len(decode) == n_new - 1
+    for step, (kv_len, keys) in enumerate(decode, start=1):
+        total = L + step  # absolute positions seen, the current token included
+        assert kv_len < total  # the window really dropped keys
+        expected = torch.cat([image, torch.zeros(step, dtype=torch.bool)])[total - kv_len : total]
+        assert torch.equal(keys[0], expected)
+    first_keys = decode[0][1][0]
+    assert first_keys.any(), "the test must see image keys inside the window"
+    assert not torch.equal(first_keys, image[: decode[0][0]]), "absolute mapping differs from naive slicing"

@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from halludec.cli import main
 
 
@@ -29,6 +31,7 @@ def test_unknown_strategy_is_a_clean_error(capsys):
     assert "Unknown strategy 'vhrr'" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_demo_runs_as_module():
     proc = subprocess.run(
         [sys.executable, "-m", "halludec", "demo", "--new-tokens", "4"], capture_output=True, text=True, timeout=300
@@ -37,6 +40,7 @@ def test_demo_runs_as_module():
     assert "tokens identical to plain generate: True" in proc.stdout
 
 
+@pytest.mark.slow
 def test_help_has_examples():
     proc = subprocess.run([sys.executable, "-m", "halludec", "--help"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0

@@ -23,12 +23,14 @@ def test_none_equals_generate_greedy(model_and_batch):
     assert max_score_diff(plain, ours) == 0.0
 
 
+@pytest.mark.slow
 def test_none_equals_generate_beam(model_and_batch):
     model, _, batch = model_and_batch
     kw = {"max_new_tokens": 5, "num_beams": 2, "do_sample": False}
     assert torch.equal(model.generate(**batch, **kw), halludec.generate(model, batch, "none", **kw))
 
 
+@pytest.mark.slow
 def test_none_equals_generate_seeded_sampling(model_and_batch):
     model, _, batch = model_and_batch
     kw = {"max_new_tokens": 5, "do_sample": True, "top_k": 20, "temperature": 1.0}

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText
 
-from halludec.tiny import TINY_FAMILIES, TINY_QUESTIONS, build_tiny, tiny_batch
+from halludec.tiny import TINY_FAMILIES, TINY_QUESTIONS, available_tiny_families, build_tiny, tiny_batch
 
 # Image tokens per row for the default image size of each family.
 EXPECTED_IMAGE_TOKENS = {
@@ -39,12 +39,12 @@ def _image_token_id(model) -> int:
 
 
 def test_families_cover_required_and_expected():
-    assert set(REQUIRED) <= set(TINY_FAMILIES)
+    assert set(REQUIRED) <= set(available_tiny_families())
     assert set(TINY_FAMILIES) <= set(EXPECTED_IMAGE_TOKENS)
     assert len(QUESTIONS[0]) != len(QUESTIONS[1])
 
 
-@pytest.mark.parametrize("family", TINY_FAMILIES)
+@pytest.mark.parametrize("family", available_tiny_families())
 def test_model_properties(family):
     model, processor = _tiny(family)
     assert model.config.model_type == family
@@ -57,7 +57,7 @@ def test_model_properties(family):
     assert model.generation_config.pad_token_id == tok.pad_token_id
 
 
-@pytest.mark.parametrize("family", TINY_FAMILIES)
+@pytest.mark.parametrize("family", available_tiny_families())
 def test_tokenizer_round_trips(family):
     _, processor = _tiny(family)
     tok = processor.tokenizer
@@ -66,7 +66,7 @@ def test_tokenizer_round_trips(family):
     assert tok.decode(ids) == text
 
 
-@pytest.mark.parametrize("family", TINY_FAMILIES)
+@pytest.mark.parametrize("family", available_tiny_families())
 def test_batch_left_padded_with_image_tokens(family):
     model, processor = _tiny(family)
     batch = tiny_batch(processor, family, QUESTIONS)
@@ -83,7 +83,7 @@ def test_batch_left_padded_with_image_tokens(family):
     assert n_image.tolist() == [EXPECTED_IMAGE_TOKENS[family]] * 2
 
 
-@pytest.mark.parametrize("family", TINY_FAMILIES)
+@pytest.mark.parametrize("family", available_tiny_families())
 def test_question_rendered_verbatim(family):
     _, processor = _tiny(family)
     tok = processor.tokenizer
@@ -95,7 +95,7 @@ def test_question_rendered_verbatim(family):
         assert question in tok.decode(row)
 
 
-@pytest.mark.parametrize("family", TINY_FAMILIES)
+@pytest.mark.parametrize("family", available_tiny_families())
 def test_generate_and_padding_invariance(family):
     model, processor = _tiny(family)
     batch = tiny_batch(processor, family, QUESTIONS)
@@ -111,7 +111,7 @@ def test_generate_and_padding_invariance(family):
             torch.testing.assert_close(batched[row], alone, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("family", TINY_FAMILIES)
+@pytest.mark.parametrize("family", available_tiny_families())
 def test_save_and_reload(family, tmp_path):
     model, processor = _tiny(family)
     model.save_pretrained(tmp_path)

@@ -63,6 +63,9 @@ def apply(
         for s in strategies:
             s.prepare(call)
         call.plans = _plans(call, strategies)
+        for layer in sorted(call.sliding_layers & set(call.plans)):
+            hook = adapter.attention(layer).register_forward_pre_hook(call.track_cache, with_kwargs=True)
+            stack.callback(hook.remove)
         call.logits_processors = LogitsProcessorList(p for s in strategies for p in s.logits_processors(call))
         for module in adapter.attention_modules():
             setattr(module, attention.CONTROLLER_ATTR, call)

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.cache_utils import StaticSlidingWindowLayer
 
 if TYPE_CHECKING:
     from halludec.decoding.base import Strategy
@@ -75,8 +76,15 @@ class CallContext:
         self.plans: dict[int, LayerPlan] = {}
         self.state: dict[str, Any] = {}
         self.logits_processors: list[Any] = []
+        self.sliding_layers: frozenset[int] = frozenset(adapter.sliding_layers())
+        self.cache: Any | None = None
+        """The generation cache, tracked only when a sliding-window layer is steered (see ``LayerContext.keys``)."""
         self._image_spans: list[list[Span]] | None = None
         self._query_spans: list[Span] | None = None
+
+    def track_cache(self, _module: nn.Module, _args: tuple, kwargs: dict) -> None:
+        """Forward pre-hook on steered sliding-window layers: remember the cache to map key positions."""
+        self.cache = kwargs.get("past_key_values")
 
     @property
     def batch_size(self) -> int:
@@ -144,11 +152,27 @@ class LayerContext:
     def keys(self, per_position: torch.Tensor) -> torch.Tensor:
         """Fit a per-prompt-position tensor ``[B, L]`` to this call's keys ``[batch, K]`` (False/0 beyond L)."""
         length = per_position.shape[1]
+        if self.layer_idx in self.call.sliding_layers and self.call.cache is not None:
+            return self.rows(self._window(per_position))
         if self.kv_len > length:
             per_position = F.pad(per_position, (0, self.kv_len - length))  # [B, K]
         elif self.kv_len < length:
             per_position = per_position[:, : self.kv_len]  # [B, K]
         return self.rows(per_position)
+
+    def _window(self, per_position: torch.Tensor) -> torch.Tensor:
+        """Sliding-window layer: the ``K`` keys are the last ``K`` of the ``total`` positions seen so far."""
+        layer = self.call.cache.layers[self.layer_idx]
+        if isinstance(layer, StaticSlidingWindowLayer):
+            raise NotImplementedError(
+                f"Layer {self.layer_idx} is a sliding-window layer on a static cache, whose key order halludec does "
+                "not map yet; steer full-attention layers only, or use the default (dynamic) cache."
+            )
+        total = layer.get_seq_length()  # positions seen, current tokens included
+        length = per_position.shape[1]
+        if total > length:
+            per_position = F.pad(per_position, (0, total - length))  # [B, total]
+        return per_position[:, total - self.kv_len : total]  # [B, K]
 
     def image_keys(self) -> torch.Tensor:
         """``[batch, K]`` bool: which keys are image tokens of the prompt."""

@@ -120,6 +120,12 @@ class VLMAdapter:
                 f"(valid: 0..{n - 1}). Check the strategy's layer settings."
             )
 
+    def sliding_layers(self) -> list[int]:
+        """Indices of sliding-window attention layers (their cache keeps only the last keys)."""
+        types = getattr(self.text_config, "layer_types", None) or []
+        window = getattr(self.text_config, "sliding_window", None)
+        return [i for i, t in enumerate(types) if t == "sliding_attention" and window]
+
     @property
     def vision_tower(self) -> nn.Module:
         """The vision encoder module."""

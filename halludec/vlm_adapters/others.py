@@ -17,8 +17,8 @@ Module trees (transformers 5.x)::
     └── lm_head
 
 Gemma3 mixes sliding-window and full-attention layers: a sliding layer's cache keeps only the last keys, so key
-index != absolute position there (``sliding_layers``); strategies that read image keys restrict themselves to
-full-attention layers or map positions with the window offset.
+index != absolute position there (``VLMAdapter.sliding_layers``); ``LayerContext.keys`` maps prompt positions to
+key indices with the window offset, read from the cache.
 """
 
 from __future__ import annotations
@@ -31,11 +31,6 @@ class Gemma3Adapter(VLMAdapter):
 
     model_types = ("gemma3",)
     wrapper_token_attrs = ("boi_token_index", "eoi_token_index")
-
-    def sliding_layers(self) -> list[int]:
-        """Indices of sliding-window attention layers."""
-        types = getattr(self.text_config, "layer_types", None) or []
-        return [i for i, t in enumerate(types) if t == "sliding_attention"]
 
 
 class InternVLAdapter(VLMAdapter):
