@@ -17,6 +17,7 @@ from transformers import LogitsProcessorList
 from halludec.decoding import attention
 from halludec.decoding.base import Strategy, resolve_strategies
 from halludec.decoding.context import CallContext, LayerPlan
+from halludec.decoding.side import SideBranches
 from halludec.vlm_adapters import VLMAdapter, get_adapter
 
 StrategySpec = str | Strategy | Sequence[str | Strategy]
@@ -66,6 +67,7 @@ def apply(
         for layer in sorted(call.sliding_layers & set(call.plans)):
             hook = adapter.attention(layer).register_forward_pre_hook(call.track_cache, with_kwargs=True)
             stack.callback(hook.remove)
+        _install_side_branches(stack, call, strategies)
         call.logits_processors = LogitsProcessorList(p for s in strategies for p in s.logits_processors(call))
         for module in adapter.attention_modules():
             setattr(module, attention.CONTROLLER_ATTR, call)
@@ -163,6 +165,31 @@ def _plans(call: CallContext, strategies: list[Strategy]) -> dict[int, LayerPlan
             if s.uses_head_outputs():
                 plan.head_strategies.append(s)
     return plans
+
+
+def _install_side_branches(stack: ExitStack, call: CallContext, strategies: list[Strategy]) -> None:
+    """Collect side inputs and logits editors; when there are any, wrap the model's forward for the call."""
+    branches: list[Mapping[str, Any]] = []
+    for s in strategies:
+        mine = list(s.side_inputs(call) or [])
+        call.side_slots[id(s)] = list(range(len(branches), len(branches) + len(mine)))
+        branches.extend(mine)
+    editors = [s for s in strategies if s.uses_logits()]
+    if not branches and not editors:
+        return
+    call.side = SideBranches(call, branches, editors)
+    model = call.model
+    own = vars(model)
+    had, previous = "forward" in own, own.get("forward")
+    model.forward = call.side.wrap(model.forward)
+
+    def restore() -> None:
+        if had:
+            model.forward = previous
+        else:
+            del model.forward
+
+    stack.callback(restore)
 
 
 def _detach(module: nn.Module) -> None:

@@ -56,12 +56,41 @@ def halludec_attention(
         return out, None
     call: CallContext | None = getattr(module, CONTROLLER_ATTR, None)
     layer = getattr(module, "layer_idx", None)
-    plan = None if call is None or layer is None else call.plans.get(layer)
+    plan = None if call is None or layer is None or call.suspended else call.plans.get(layer)
     if plan is None:
-        if kwargs.get("softcap") is not None:
-            return eager_attention(module, query, key, value, attention_mask, None, **kwargs)
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    return eager_attention(module, query, key, value, attention_mask, (call, plan), **kwargs)
+        return _plain(module, query, key, value, attention_mask, **kwargs)
+    n_main = call.main_rows(query.shape[0])
+    if n_main == query.shape[0]:
+        return eager_attention(module, query, key, value, attention_mask, (call, plan), **kwargs)
+    # Side-branch rows ride in the same forward: steer the main rows only.
+    main, _ = eager_attention(module, *_rows(n_main, None, query, key, value, attention_mask), (call, plan), **kwargs)
+    side, _ = _plain(module, *_rows(n_main, 1, query, key, value, attention_mask), **kwargs)
+    return torch.cat([main, side]), None  # [B_all, q, H, d]
+
+
+def _plain(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """Unsteered attention: sdpa, or explicit eager where sdpa cannot serve (softcap)."""
+    if kwargs.get("softcap") is not None:
+        return eager_attention(module, query, key, value, attention_mask, None, **kwargs)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def _rows(n_main: int, part: int | None, *tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
+    """Main rows (``part=None``) or side rows of each tensor; a mask broadcast over rows is kept whole."""
+    out = []
+    for t in tensors:
+        if t is None or t.shape[0] == 1:
+            out.append(t)
+        else:
+            out.append(t[:n_main] if part is None else t[n_main:])
+    return out
 
 
 def eager_attention(

@@ -9,7 +9,10 @@ A strategy is one file in ``halludec/decoding/``: a config dataclass (typed fiel
   ``attention_rows`` (``"all"`` or ``"last"``): which query rows it needs as explicit probabilities.
 - ``edit_scores`` / ``edit_probs``: pre- / post-softmax attention ``[B, H, q, K]`` (float32) in those layers.
 - ``edit_head_outputs``: per-head attention output ``[B, q, H, d]`` in those layers, before ``o_proj``.
-- ``logits_processors(call)``: ``LogitsProcessor`` objects added to ``generate``.
+- ``side_inputs(call)``: extra inputs (image removed, noised, ...) run as extra rows of every forward.
+- ``edit_logits(logits, ctx)``: the main rows' next-token logits ``[rows, V]`` (float32) with this strategy's side
+  logits in ``ctx.side``; runs inside the forward, before every processor and warper of ``generate``.
+- ``logits_processors(call)``: ``LogitsProcessor`` objects appended after ``generate``'s own (rarely needed).
 
 The per-step hooks must stay compile-friendly: no ``.item()``, no host syncs, no Python branching on tensor
 values; only on shapes and on Python state fixed in ``prepare``.
@@ -18,6 +21,7 @@ values; only on shapes and on Python state fixed in ``prepare``.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
@@ -28,6 +32,7 @@ if TYPE_CHECKING:
     from transformers import LogitsProcessor
 
     from halludec.decoding.context import CallContext, LayerContext
+    from halludec.decoding.side import LogitsContext
 
 
 @dataclass
@@ -110,6 +115,14 @@ class Strategy:
         """Logits processors to add to ``generate``. Default: none."""
         return []
 
+    def side_inputs(self, call: CallContext) -> list[Mapping[str, Any]]:
+        """Side-branch inputs (same rows as the main inputs), batched with the main forward. Default: none."""
+        return []
+
+    def edit_logits(self, logits: torch.Tensor, ctx: LogitsContext) -> torch.Tensor:
+        """Edit the next-token logits ``[rows, V]`` (float32) using ``ctx.side``. Must not modify in place."""
+        return logits
+
     # ---------------------------------------------------------- per-step hooks
     def edit_scores(self, scores: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
         """Edit pre-softmax scores ``[B, H, q, K]`` (float32, mask applied). Must not modify in place."""
@@ -128,6 +141,11 @@ class Strategy:
     def uses_probs(cls) -> bool:
         """Whether the strategy overrides a hook that needs explicit attention probabilities."""
         return cls.edit_scores is not Strategy.edit_scores or cls.edit_probs is not Strategy.edit_probs
+
+    @classmethod
+    def uses_logits(cls) -> bool:
+        """Whether the strategy overrides ``edit_logits``."""
+        return cls.edit_logits is not Strategy.edit_logits
 
     @classmethod
     def uses_head_outputs(cls) -> bool:

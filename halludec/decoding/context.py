@@ -18,6 +18,7 @@ from transformers.cache_utils import StaticSlidingWindowLayer
 
 if TYPE_CHECKING:
     from halludec.decoding.base import Strategy
+    from halludec.decoding.side import SideBranches
     from halludec.vlm_adapters import Span, VLMAdapter
 
 
@@ -77,10 +78,26 @@ class CallContext:
         self.state: dict[str, Any] = {}
         self.logits_processors: list[Any] = []
         self.sliding_layers: frozenset[int] = frozenset(adapter.sliding_layers())
+        self.suspended = False
+        """True while side branches prefill: the attention function then steers nothing."""
+        self.side: SideBranches | None = None
+        self.side_slots: dict[int, list[int]] = {}
         self.cache: Any | None = None
         """The generation cache, tracked only when a sliding-window layer is steered (see ``LayerContext.keys``)."""
         self._image_spans: list[list[Span]] | None = None
         self._query_spans: list[Span] | None = None
+
+    def side_logits(self, strategy: Strategy) -> list[torch.Tensor]:
+        """The current step's last-position logits ``[rows, V]`` of each side branch ``strategy`` asked for."""
+        if self.side is None:
+            raise RuntimeError("No side branches were set up for this call.")
+        return [self.side.logits[i] for i in self.side_slots[id(strategy)]]
+
+    def main_rows(self, batch: int) -> int:
+        """How many of ``batch`` forward rows are main rows (the rest are side rows, never steered)."""
+        if self.side is None or self.side.main_rows is None:
+            return batch
+        return min(batch, self.side.main_rows)
 
     def track_cache(self, _module: nn.Module, _args: tuple, kwargs: dict) -> None:
         """Forward pre-hook on steered sliding-window layers: remember the cache to map key positions."""

@@ -297,6 +297,20 @@ class VLMAdapter:
                 out[key] = value
         return out
 
+    def position_ids_for(self, inputs: Mapping[str, Any]) -> torch.Tensor:
+        """Explicit position ids for a prefill of ``inputs``, as ``generate`` builds them (left padding aware).
+
+        Args:
+            inputs: Model inputs with ``input_ids`` ``[B, L]`` and optionally ``attention_mask``.
+
+        Returns:
+            ``[B, L]`` long tensor: ``cumsum(mask) - 1``, pads set to 1 (families with 3-D positions override).
+        """
+        ids = inputs["input_ids"]
+        am = inputs.get("attention_mask")
+        am = torch.ones_like(ids) if am is None else am
+        return (am.long().cumsum(-1) - 1).masked_fill(am == 0, 1)  # [B, L]
+
     def noised_image_inputs(
         self,
         inputs: Mapping[str, Any],

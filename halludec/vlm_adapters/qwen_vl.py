@@ -45,7 +45,7 @@ class QwenVLAdapter(VLMAdapter):
         ids = inputs["input_ids"]
         am = inputs.get("attention_mask")
         am = torch.ones_like(ids) if am is None else am
-        text = (am.long().cumsum(-1) - 1).masked_fill(am == 0, 1)  # [B, L]
+        text = super().position_ids_for(inputs)  # [B, L]
         grid = inputs.get("image_grid_thw")
         if grid is not None and inputs.get("mm_token_type_ids") is not None:
             vision, _ = self.model.model.get_rope_index(
