@@ -105,3 +105,26 @@ def test_composition_accepts_lists_and_rejects_empty():
     assert torch.equal(halludec.generate(model, batch, ["none", "none"], **kw), model.generate(**batch, **kw))
     with pytest.raises(ValueError, match="empty strategy list"):
         halludec.generate(model, batch, [], **kw)
+
+
+def test_two_search_owners_cannot_be_composed():
+    class OwnsA(Strategy):
+        name = "owns_a"
+        owns_search = True
+
+    class OwnsB(OwnsA):
+        name = "owns_b"
+
+    with pytest.raises(ValueError, match=r"\['owns_a', 'owns_b'\] each replace generate's search loop"):
+        halludec.decoding.resolve_strategies([OwnsA(), OwnsB()])
+
+
+def test_config_fingerprint_is_structural():
+    a = halludec.get_adapter(tiny("llava")[0]).config_fingerprint()
+    b = halludec.get_adapter(tiny("llava_next")[0]).config_fingerprint()
+    c = halludec.get_adapter(tiny("qwen2_vl")[0]).config_fingerprint()
+    assert len(a) == 64
+    assert len({a, b, c}) == 3  # model_type is part of the fingerprint
+    from halludec.tiny import build_tiny
+
+    assert halludec.get_adapter(build_tiny("llava", seed=5)[0]).config_fingerprint() == a  # weights do not matter

@@ -73,3 +73,16 @@ def test_batch_equals_singles(family):
             for step_both, step_alone in zip(both.scores, alone.scores, strict=True):
                 a, b = step_both[row].nan_to_num(neginf=0.0), step_alone[0].nan_to_num(neginf=0.0)
                 assert torch.allclose(a, b, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "gemma3"])
+def test_static_cache_explicit_attention_path(family):
+    """With cache_implementation='static', the neutral and the explicit-attention paths equal plain static generate."""
+    model, processor = tiny(family)
+    batch = tiny_batch(processor, family, QUESTIONS, seed=0)
+    kw = {**GREEDY, **SCORES, "cache_implementation": "static"}
+    plain = model.generate(**batch, **kw)
+    for strategy in ("none", Probe(layers=(0, 1, 2, 3))):
+        ours = halludec.generate(model, batch, strategy, **kw)
+        assert torch.equal(plain.sequences, ours.sequences)
+        assert max_score_diff(plain, ours) < 2e-5

@@ -98,7 +98,8 @@ def generate(
         questions: Optional question text per row.
         adapter: Override the model's adapter.
         **generate_kwargs: Passed to ``model.generate`` (``max_new_tokens``, ``do_sample``, ``num_beams``, a
-            user ``logits_processor`` list, which runs after the strategies' processors, ...).
+            user ``logits_processor`` list, ...). Strategies' logits edits run inside the forward, before every
+            processor.
 
     Returns:
         Exactly what ``model.generate`` returns.

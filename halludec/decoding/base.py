@@ -80,6 +80,8 @@ class Strategy:
     attention_rows: ClassVar[Literal["all", "last"]] = "all"
     """Query rows whose probabilities the attention hooks need: every row, or only the last one."""
     paper: ClassVar[str] = ""
+    owns_search: ClassVar[bool] = False
+    """Whether the strategy replaces generate's search loop (e.g. OPERA); at most one per composition."""
 
     def __init__(self, config: StrategyConfig | None = None, **overrides: Any) -> None:
         config = config if config is not None else self.config_class()
@@ -224,4 +226,9 @@ def resolve_strategies(spec: str | Strategy | list[str | Strategy] | tuple[str |
             out.append(get_strategy(item))
         else:
             raise TypeError(f"A strategy must be a name or a Strategy instance, got {type(item).__name__}.")
+    owners = [s.name for s in out if s.owns_search]
+    if len(owners) > 1:
+        raise ValueError(
+            f"Strategies {owners} each replace generate's search loop and cannot be composed; keep one of them."
+        )
     return out

@@ -9,6 +9,8 @@ Everything here runs once per ``generate`` call, before decoding starts, never o
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -110,6 +112,22 @@ class VLMAdapter:
             hidden_size=tc.hidden_size,
             vocab_size=tc.vocab_size,
         )
+
+    def config_fingerprint(self) -> str:
+        """sha256 of the structural fields (model_type, layers, heads, KV heads, hidden size, vocab).
+
+        Per-model defaults and head profiles are matched by this, never by a checkpoint name alone.
+        """
+        d = self.dims
+        fields = {
+            "model_type": self.config.model_type,
+            "num_layers": d.num_layers,
+            "num_heads": d.num_heads,
+            "num_kv_heads": d.num_kv_heads,
+            "hidden_size": d.hidden_size,
+            "vocab_size": d.vocab_size,
+        }
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
     def check_layer(self, layer: int) -> None:
         """Raise ``ValueError`` when ``layer`` is not a valid decoder-layer index."""
