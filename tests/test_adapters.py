@@ -186,3 +186,60 @@ def test_vision_attentions_match_eager_reference():
         model.set_attn_implementation({"vision_config": "sdpa"})
     for layer, probs in maps.items():
         torch.testing.assert_close(torch.stack(probs), ref[layer], atol=1e-6, rtol=1e-5)
+
+
+def two_image_batch(family: str):
+    """Row 0 holds two images, row 1 one image (processor-built, left-padded)."""
+    import numpy as np
+    from PIL import Image
+
+    _, processor = tiny(family)
+    rng = np.random.default_rng(0)
+    size = {"llava": (30, 30), "qwen2_vl": (56, 84)}[family]
+    ims = [Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)) for _ in range(3)]
+    conversations = [
+        [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image", "image": ims[0]},
+                    {"type": "text", "text": "left"},
+                    {"type": "image", "image": ims[1]},
+                    {"type": "text", "text": "Which differs?"},
+                ],
+            }
+        ],
+        [
+            {
+                "role": "user",
+                "content": [{"type": "image", "image": ims[2]}, {"type": "text", "text": "Is there a dog?"}],
+            }
+        ],
+    ]
+    return processor.apply_chat_template(
+        conversations,
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=True,
+        return_tensors="pt",
+        processor_kwargs={"padding": True, "padding_side": "left"},
+    )
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_two_images_in_one_prompt(family):
+    model, processor = tiny(family)
+    batch = two_image_batch(family)
+    adapter = halludec.get_adapter(model)
+    spans = adapter.image_spans(batch["input_ids"])
+    per_image = 25 if family == "llava" else 6
+    assert [len(s) for s in spans] == [2, 1]
+    assert all(e - s == per_image for row in spans for s, e in row)
+    pads = int((batch["attention_mask"][1] == 0).sum())
+    assert spans[1][0][0] > pads
+    side = adapter.text_only_inputs(batch)
+    assert not adapter.image_mask(side["input_ids"]).any()
+    q = adapter.query_spans(batch["input_ids"], processor.tokenizer, chat_template_owner=processor)
+    assert processor.tokenizer.decode(batch["input_ids"][0, q[0][0] : q[0][1]]) == "Which differs?"
+    kw = {"max_new_tokens": 3, "do_sample": False}
+    assert torch.equal(model.generate(**batch, **kw), halludec.generate(model, batch, "none", **kw))

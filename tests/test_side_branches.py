@@ -127,3 +127,15 @@ def test_side_input_with_wrong_rows_is_a_clear_error():
 
     with pytest.raises(ValueError, match=r"Side branch 0 must have input_ids with 2 rows"):
         halludec.generate(model, batch, Bad(), max_new_tokens=2)
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_side_branches_with_two_images_in_a_row(family):
+    from tests.test_adapters import two_image_batch
+
+    model, _ = tiny(family)
+    batch = two_image_batch(family)
+    plain = model.generate(**batch, **GREEDY, **SCORES)
+    ours = halludec.generate(model, batch, Contrast(alpha=0.0), **GREEDY, **SCORES)
+    assert torch.equal(plain.sequences, ours.sequences)
+    assert max_score_diff(plain, ours) < 1e-5
