@@ -47,3 +47,19 @@ def test_model_unchanged_after_steered_call(model_and_batch):
     first = model.generate(**batch, **kw)
     halludec.generate(model, batch, _active_probe(model), **kw)
     assert torch.equal(first, model.generate(**batch, **kw))
+
+
+def test_nested_apply_restores_the_outer_call():
+    from halludec.tiny import tiny_batch
+    from tests.conftest import tiny
+
+    model, processor = tiny("llava")
+    batch = tiny_batch(processor, "llava", ["Is there a cat?"], seed=0)
+    before = snapshot(model)
+    outer = _active_probe(model)
+    with halludec.apply(model, outer, batch) as outer_call:
+        with halludec.apply(model, "none", batch) as inner_call:
+            assert halludec.get_adapter(model).attention(0)._halludec_call is inner_call
+        assert halludec.get_adapter(model).attention(0)._halludec_call is outer_call
+        assert model.config.get_text_config()._attn_implementation == "halludec"
+    assert_same_snapshot(before, snapshot(model))

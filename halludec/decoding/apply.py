@@ -70,8 +70,8 @@ def apply(
         _install_side_branches(stack, call, strategies)
         call.logits_processors = LogitsProcessorList(p for s in strategies for p in s.logits_processors(call))
         for module in adapter.attention_modules():
+            stack.callback(_restore_controller, module, getattr(module, attention.CONTROLLER_ATTR, _ABSENT))
             setattr(module, attention.CONTROLLER_ATTR, call)
-            stack.callback(_detach, module)
         yield call
 
 
@@ -193,6 +193,13 @@ def _install_side_branches(stack: ExitStack, call: CallContext, strategies: list
     stack.callback(restore)
 
 
-def _detach(module: nn.Module) -> None:
-    if hasattr(module, attention.CONTROLLER_ATTR):
-        delattr(module, attention.CONTROLLER_ATTR)
+_ABSENT = object()
+
+
+def _restore_controller(module: nn.Module, previous: object) -> None:
+    """Put back the controller an enclosing ``apply`` had installed, or remove ours."""
+    if previous is _ABSENT:
+        if hasattr(module, attention.CONTROLLER_ATTR):
+            delattr(module, attention.CONTROLLER_ATTR)
+    else:
+        setattr(module, attention.CONTROLLER_ATTR, previous)
