@@ -243,3 +243,22 @@ def test_two_images_in_one_prompt(family):
     assert processor.tokenizer.decode(batch["input_ids"][0, q[0][0] : q[0][1]]) == "Which differs?"
     kw = {"max_new_tokens": 3, "do_sample": False}
     assert torch.equal(model.generate(**batch, **kw), halludec.generate(model, batch, "none", **kw))
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_without_question_inputs(family):
+    """Dropping the question span keeps the image and the template; the model runs on the result."""
+    model, processor = tiny(family)
+    batch = tiny_batch(processor, family, QUESTIONS, seed=0)
+    adapter = halludec.get_adapter(model)
+    spans = adapter.query_spans(batch["input_ids"], processor.tokenizer, QUESTIONS)
+    side = adapter.without_spans_inputs(batch, spans)
+    tok = processor.tokenizer
+    for row, question in enumerate(QUESTIONS):
+        text = tok.decode(side["input_ids"][row][side["attention_mask"][row].bool()])
+        assert question not in text
+        full = tok.decode(batch["input_ids"][row][batch["attention_mask"][row].bool()])
+        assert text == full.replace(question, "", 1)
+    assert torch.equal(adapter.image_mask(side["input_ids"]).sum(-1), adapter.image_mask(batch["input_ids"]).sum(-1))
+    out = model.generate(**side, max_new_tokens=2, do_sample=False)
+    assert out.shape[0] == 2

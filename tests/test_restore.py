@@ -63,3 +63,25 @@ def test_nested_apply_restores_the_outer_call():
         assert halludec.get_adapter(model).attention(0)._halludec_call is outer_call
         assert model.config.get_text_config()._attn_implementation == "halludec"
     assert_same_snapshot(before, snapshot(model))
+
+
+def test_hooks_registered_by_a_strategy_are_removed():
+    from halludec.decoding import Strategy
+    from halludec.tiny import tiny_batch
+    from tests.conftest import tiny
+
+    model, processor = tiny("llava")
+    batch = tiny_batch(processor, "llava", ["Is there a cat?"], seed=0)
+    seen = []
+
+    class Reads(Strategy):
+        def prepare(self, call):
+            layer = call.adapter.layers[2]
+            call.register_hook(
+                layer, lambda mod, args, kwargs: seen.append(args[0].shape if args else None), with_kwargs=True
+            )
+
+    before = snapshot(model)
+    halludec.generate(model, batch, Reads(), max_new_tokens=3)
+    assert len(seen) == 3  # prefill + 2 decode steps
+    assert_same_snapshot(before, snapshot(model))

@@ -61,6 +61,7 @@ def apply(
             if s.needs_image:
                 adapter.require_images(call.input_ids, f"Strategy {s.name!r}")
         _install_attention(stack, model, adapter)
+        call.exit_stack = stack
         for s in strategies:
             s.prepare(call)
         call.plans = _plans(call, strategies)
@@ -161,7 +162,7 @@ def _plans(call: CallContext, strategies: list[Strategy]) -> dict[int, LayerPlan
             plan = plans.setdefault(layer, LayerPlan())
             if s.uses_probs():
                 plan.prob_strategies.append(s)
-                if s.attention_rows == "all":
+                if s.attention_rows_for(layer, call) == "all":
                     plan.rows = "all"
             if s.uses_head_outputs():
                 plan.head_strategies.append(s)

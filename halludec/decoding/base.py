@@ -6,7 +6,8 @@ A strategy is one file in ``halludec/decoding/``: a config dataclass (typed fiel
 
 - ``prepare(call)``: once per ``generate`` call, before decoding; build per-row state as tensors here.
 - ``attention_layers(call)``: the decoder layers whose attention the strategy reads or edits, and
-  ``attention_rows`` (``"all"`` or ``"last"``): which query rows it needs as explicit probabilities.
+  ``attention_rows_for(layer, call)`` (``"all"`` or ``"last"``, default the ``attention_rows`` class attribute):
+  which query rows it needs as explicit probabilities in that layer.
 - ``edit_scores`` / ``edit_probs``: pre- / post-softmax attention ``[B, H, q, K]`` (float32) in those layers.
 - ``edit_head_outputs``: per-head attention output ``[B, q, H, d]`` in those layers, before ``o_proj``.
 - ``side_inputs(call)``: extra inputs (image removed, noised, ...) run as extra rows of every forward.
@@ -112,6 +113,10 @@ class Strategy:
     def attention_layers(self, call: CallContext) -> set[int]:
         """Decoder layers whose attention this strategy reads or edits. Default: none."""
         return set()
+
+    def attention_rows_for(self, layer: int, call: CallContext) -> Literal["all", "last"]:
+        """Query rows needed as explicit probabilities in ``layer``. Default: ``attention_rows``."""
+        return self.attention_rows
 
     def logits_processors(self, call: CallContext) -> list[LogitsProcessor]:
         """Logits processors to add to ``generate``. Default: none."""

@@ -8,6 +8,7 @@ per-row tensors are indexed by the rows of the *inputs*; ``generate`` may expand
 from __future__ import annotations
 
 from collections.abc import Mapping
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -82,10 +83,26 @@ class CallContext:
         """True while side branches prefill: the attention function then steers nothing."""
         self.side: SideBranches | None = None
         self.side_slots: dict[int, list[int]] = {}
+        self.exit_stack: ExitStack | None = None
+        """Set by ``apply``: undo callbacks registered here run when the call ends (see ``register_hook``)."""
         self.cache: Any | None = None
         """The generation cache, tracked only when a sliding-window layer is steered (see ``LayerContext.keys``)."""
         self._image_spans: list[list[Span]] | None = None
         self._query_spans: list[Span] | None = None
+
+    def register_hook(self, module: nn.Module, hook: Any, *, pre: bool = True, with_kwargs: bool = False) -> None:
+        """Register a forward (pre-)hook on ``module`` for this call only; it is removed when the call ends.
+
+        Args:
+            module: Any submodule of the model (e.g. a decoder layer, to read the residual stream).
+            hook: The hook function, with torch's signature for the chosen kind.
+            pre: Forward pre-hook (True) or forward hook (False).
+            with_kwargs: Pass keyword arguments to the hook (torch's ``with_kwargs``).
+        """
+        if self.exit_stack is None:
+            raise RuntimeError("Hooks can only be registered inside halludec.apply (during Strategy.prepare).")
+        register = module.register_forward_pre_hook if pre else module.register_forward_hook
+        self.exit_stack.callback(register(hook, with_kwargs=with_kwargs).remove)
 
     def side_logits(self, strategy: Strategy) -> list[torch.Tensor]:
         """The current step's last-position logits ``[rows, V]`` of each side branch ``strategy`` asked for."""

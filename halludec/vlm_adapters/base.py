@@ -287,11 +287,45 @@ class VLMAdapter:
             other per-token ``[B, L]`` tensor filtered the same way (type ids set to 0); image tensors removed.
         """
         ids = inputs["input_ids"]
-        am = inputs.get("attention_mask")
-        am = torch.ones_like(ids) if am is None else am
         drop = self.image_mask(ids)
         for tid in self.wrapper_token_ids():
             drop |= ids == tid
+        kept = self.drop_tokens(inputs, drop)
+        return {k: v for k, v in kept.items() if k not in self.image_input_keys}
+
+    def without_spans_inputs(self, inputs: Mapping[str, Any], spans: Sequence[Span]) -> dict[str, Any]:
+        """The same inputs with one token span per row removed (e.g. the question), images kept.
+
+        Args:
+            inputs: Model inputs.
+            spans: Per row, the half-open span to drop (``query_spans`` gives the question's).
+
+        Returns:
+            New inputs, rows re-left-padded; image tensors unchanged.
+        """
+        ids = inputs["input_ids"]
+        if len(spans) != ids.shape[0]:
+            raise ValueError(f"Got {len(spans)} spans for {ids.shape[0]} rows; pass one span per row.")
+        positions = torch.arange(ids.shape[1], device=ids.device)  # [L]
+        start = torch.tensor([s for s, _ in spans], device=ids.device)[:, None]  # [B, 1]
+        end = torch.tensor([e for _, e in spans], device=ids.device)[:, None]  # [B, 1]
+        return self.drop_tokens(inputs, (positions >= start) & (positions < end))
+
+    def drop_tokens(self, inputs: Mapping[str, Any], drop: torch.Tensor) -> dict[str, Any]:
+        """Remove the positions flagged in ``drop`` from every row and re-left-pad.
+
+        Args:
+            inputs: Model inputs with ``input_ids`` ``[B, L]`` and optionally ``attention_mask``.
+            drop: ``[B, L]`` bool, True on positions to remove.
+
+        Returns:
+            New inputs of length ``L'`` (the longest remaining row): ``input_ids`` (pads = the pad id),
+            ``attention_mask`` and every other per-token ``[B, L]`` tensor gathered the same way (type ids of
+            dropped image tokens do not survive; remaining type ids are kept); position ids dropped.
+        """
+        ids = inputs["input_ids"]
+        am = inputs.get("attention_mask")
+        am = torch.ones_like(ids) if am is None else am
         keep = am.bool() & ~drop  # [B, L]
         new_len = int(keep.sum(dim=-1).max())
         # Stable sort that moves kept positions to the right end of each row, in order: left padding.
@@ -300,16 +334,14 @@ class VLMAdapter:
         pad_id = _pad_id(self.config)
         out: dict[str, Any] = {}
         for key, value in inputs.items():
-            if key in self.image_input_keys:
-                continue
-            if isinstance(value, torch.Tensor) and value.shape[:2] == ids.shape and value.dim() == 2:
+            if isinstance(value, torch.Tensor) and value.dim() == 2 and value.shape == ids.shape:
                 gathered = torch.gather(value, 1, order)
                 if key == "input_ids":
                     gathered = gathered.masked_fill(~new_keep, pad_id)
                 elif key == "attention_mask":
                     gathered = new_keep.to(value.dtype)
-                else:  # token-type ids: no image tokens remain
-                    gathered = torch.zeros_like(gathered)
+                else:  # per-token type ids: pads get 0
+                    gathered = gathered.masked_fill(~new_keep, 0)
                 out[key] = gathered
             elif key not in ("position_ids", "cache_position", "rope_deltas"):
                 out[key] = value
@@ -337,9 +369,10 @@ class VLMAdapter:
     ) -> dict[str, Any]:
         """The same inputs with Gaussian diffusion noise on the pixels (VCD's distorted image).
 
-        ``x_t = sqrt(abar_t) * x_0 + sqrt(1 - abar_t) * eps`` with the linear beta schedule of 1000 steps
-        (beta from 1e-4 to 0.02), as in VCD's ``add_diffusion_noise``. Applied to ``pixel_values`` whatever
-        their layout (Qwen's flattened patches included), since the noise is element-wise.
+        ``x_t = sqrt(abar_t) * x_0 + sqrt(1 - abar_t) * eps`` with VCD's 1000-step schedule
+        ``beta = sigmoid(linspace(-6, 6, 1000)) * (5e-3 - 1e-5) + 1e-5`` and ``abar_t = prod_{s<=t}(1 - beta_s)``
+        (VCD's ``add_diffusion_noise``). Applied to ``pixel_values`` whatever their layout (Qwen's flattened
+        patches included), since the noise is element-wise.
 
         Args:
             inputs: Model inputs with ``pixel_values``.
@@ -354,7 +387,7 @@ class VLMAdapter:
         if inputs.get("pixel_values") is None:
             raise ValueError("noised_image_inputs needs `pixel_values` in the inputs; none were given.")
         pixels = inputs["pixel_values"]
-        betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
+        betas = torch.sigmoid(torch.linspace(-6, 6, 1000, dtype=torch.float64)) * (5e-3 - 1e-5) + 1e-5
         abar = float(torch.cumprod(1.0 - betas, dim=0)[noise_step])
         eps = torch.randn(pixels.shape, generator=generator, dtype=torch.float32, device="cpu").to(pixels.device)
         noised = math.sqrt(abar) * pixels.float() + math.sqrt(1.0 - abar) * eps
