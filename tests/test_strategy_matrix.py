@@ -17,6 +17,7 @@ from tests.helpers import assert_same_snapshot, snapshot
 # name -> (neutral overrides, active overrides or None)
 MATRIX: dict[str, tuple[dict, dict | None]] = {
     "none": ({}, None),
+    "pai": ({"alpha": 0.0}, {"alpha": 2.0, "cfg_gamma": 1.5}),
 }
 
 KW = {"max_new_tokens": 6, "min_new_tokens": 6, "do_sample": False}

@@ -176,7 +176,7 @@ def _install_side_branches(stack: ExitStack, call: CallContext, strategies: list
         mine = list(s.side_inputs(call) or [])
         call.side_slots[id(s)] = list(range(len(branches), len(branches) + len(mine)))
         branches.extend(mine)
-    editors = [s for s in strategies if s.uses_logits()]
+    editors = [s for s in strategies if s.logits_enabled(call)]
     if not branches and not editors:
         return
     call.side = SideBranches(call, branches, editors)

@@ -154,6 +154,10 @@ class Strategy:
         """Whether the strategy overrides ``edit_logits``."""
         return cls.edit_logits is not Strategy.edit_logits
 
+    def logits_enabled(self, call: CallContext) -> bool:
+        """Whether ``edit_logits`` runs for this call (default: when overridden); lets a config turn it off."""
+        return self.uses_logits()
+
     @classmethod
     def uses_head_outputs(cls) -> bool:
         """Whether the strategy overrides ``edit_head_outputs``."""

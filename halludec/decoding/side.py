@@ -147,9 +147,12 @@ class SideBranches:
         bm = self.main_rows
         ids = kwargs["input_ids"]  # [Bm, q]
         q = ids.shape[1]
-        am = kwargs["attention_mask"]  # [Bm, L_main + t]
-        new_cols = am.shape[1] - self._main_len
+        past = kwargs["past_key_values"].get_seq_length()  # merged prompt length + tokens fed so far
+        new_cols = past - self._main_len - self._extra_left + q  # generated tokens incl. this step's
         step = new_cols - q + 1  # tokens generated before this step
+        am = kwargs.get("attention_mask")  # [Bm, L_main + new_cols]; generate omits it when it is all ones
+        if am is None:
+            am = ids.new_ones(bm, self._main_len + new_cols)
         if not self.branches:
             return self._edit(forward(**kwargs), [], step)
         side_am = torch.cat([self._side_masks, self._side_masks.new_ones(self._side_masks.shape[0], new_cols)], 1)
