@@ -18,6 +18,7 @@ from tests.helpers import assert_same_snapshot, snapshot
 MATRIX: dict[str, tuple[dict, dict | None]] = {
     "none": ({}, None),
     "pai": ({"alpha": 0.0}, {"alpha": 2.0, "cfg_gamma": 1.5}),
+    "vhr": ({"alpha": 1.0}, {"alpha": 2.0}),
 }
 
 KW = {"max_new_tokens": 6, "min_new_tokens": 6, "do_sample": False}

@@ -163,6 +163,11 @@ class VLMAdapter:
             )
         return int(tid)
 
+    @property
+    def pad_token_id(self) -> int:
+        """The padding id used when re-padding rows (the text config's pad id, else 0)."""
+        return _pad_id(self.config)
+
     def wrapper_token_ids(self) -> list[int]:
         """Ids of tokens that wrap image spans (e.g. Qwen's ``<|vision_start|>``)."""
         ids = (getattr(self.config, attr, None) for attr in self.wrapper_token_attrs)
