@@ -19,6 +19,7 @@ MATRIX: dict[str, tuple[dict, dict | None]] = {
     "none": ({}, None),
     "pai": ({"alpha": 0.0}, {"alpha": 2.0, "cfg_gamma": 1.5}),
     "vhr": ({"alpha": 1.0}, {"alpha": 2.0}),
+    "paint": ({"alpha_local": 0.0, "beta_summary": 0.0}, {"alpha_local": 3.0, "beta_summary": 3.0}),
 }
 
 KW = {"max_new_tokens": 6, "min_new_tokens": 6, "do_sample": False}

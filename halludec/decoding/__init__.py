@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from halludec.decoding import none  # noqa: F401  (registers the strategy)
+from halludec.decoding import paint  # noqa: F401
 from halludec.decoding import pai  # noqa: F401
 from halludec.decoding import vhr  # noqa: F401
 from halludec.decoding.apply import apply, generate
