@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
-from halludec.decoding import none  # noqa: F401  (registers the strategy)
-from halludec.decoding import paint  # noqa: F401
-from halludec.decoding import pai  # noqa: F401
-from halludec.decoding import vhr  # noqa: F401
+from halludec.decoding import (  # noqa: F401
+    inter,
+    none,
+    pai,
+    paint,
+    var,
+    vcd,
+    vhr,
+)
 from halludec.decoding.apply import apply, generate
 from halludec.decoding.base import (
     STRATEGIES,

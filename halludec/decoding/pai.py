@@ -8,8 +8,9 @@ Two parts, each optional:
    predicted), the pre-softmax logits of image keys grow by their magnitude: ``z += alpha * |z|``. Only the
    image-token span counts (for Qwen, not ``<|vision_start|>`` / ``<|vision_end|>``).
 2. **CFG against the image-free prompt** (``cfg_gamma != 1``): with ``s = log_softmax(l)`` and
-   ``u = log_softmax(l_no_image)``, ``out = gamma * (s - u) + u``, then ``-inf`` where
-   ``s < log(plausibility_beta) + max(s)``. The image-free branch rides as extra rows of the same forward.
+   ``u = log_softmax(l_no_image)``, ``out = gamma * (s - u) + u``; tokens with
+   ``s < log(plausibility_beta) + max(s)`` are cut (pushed below every kept token; the released code uses
+   -inf). The image-free branch rides as extra rows of the same forward.
 
 Defaults follow the paper (alpha 0.5 for LLaVA-1.5, layers 2..L-1, CFG off: a single-pass method). The ``repro``
 preset reproduces the released scripts: CFG on with gamma 1.1, and no boost on the first generated token (the
@@ -18,7 +19,6 @@ released attention modules stay in CFG mode until the CFG processor's first call
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -26,6 +26,7 @@ import torch
 
 from halludec.decoding.base import Strategy, StrategyConfig, check_range, register_strategy
 from halludec.decoding.context import CallContext, LayerContext
+from halludec.decoding.contrast import plausibility_cutoff
 from halludec.decoding.side import LogitsContext
 
 
@@ -80,18 +81,15 @@ def cfg_combine(logits: torch.Tensor, no_image: torch.Tensor, gamma: float, beta
         logits: Main next-token logits ``[B, V]``.
         no_image: Image-free branch logits ``[B, V]``.
         gamma: Guidance weight (1 = main distribution).
-        beta: Plausibility cutoff; tokens with ``s < log(beta) + max(s)`` get ``-inf`` (0 disables it).
+        beta: Plausibility cutoff: tokens with ``s < log(beta) + max(s)`` are pushed below every kept token
+            (``contrast.plausibility_cutoff``: finite, so later processors never produce NaN); 0 disables it.
 
     Returns:
         Combined log-scores ``[B, V]``.
     """
     s = torch.log_softmax(logits, dim=-1)  # [B, V]
     u = torch.log_softmax(no_image, dim=-1)  # [B, V]
-    out = gamma * (s - u) + u
-    if beta > 0:
-        cutoff = s.amax(dim=-1, keepdim=True) + math.log(beta)  # [B, 1]
-        out = out.masked_fill(s < cutoff, float("-inf"))
-    return out
+    return plausibility_cutoff(gamma * (s - u) + u, s, beta)
 
 
 @register_strategy("pai")
