@@ -98,3 +98,22 @@ def assert_same_snapshot(before: dict, after: dict) -> None:
     assert before["state"].keys() == after["state"].keys()
     for k, v in before["state"].items():
         assert torch.equal(v, after["state"][k]), k
+
+
+def assert_batch_equals_singles(model, processor, family, strategy, questions, atol=1e-4, **generate_kwargs) -> None:
+    """A left-padded batch gives each row the tokens and scores that row gets alone (per-row state, masks)."""
+    import halludec
+    from halludec.tiny import tiny_batch
+
+    kw = {"output_scores": True, "return_dict_in_generate": True, **generate_kwargs}
+    batch = tiny_batch(processor, family, questions, seed=0)
+    both = halludec.generate(model, batch, strategy, processor=processor, **kw)
+    for row, question in enumerate(questions):
+        single = tiny_batch(processor, family, [question], seed=0, image_seed_offset=row)
+        alone = halludec.generate(model, single, strategy, processor=processor, **kw)
+        new_both = both.sequences[row, batch["input_ids"].shape[1] :]
+        assert torch.equal(new_both, alone.sequences[0, single["input_ids"].shape[1] :])
+        for a, b in zip(both.scores, alone.scores, strict=True):
+            finite = torch.isfinite(a[row])
+            assert torch.equal(finite, torch.isfinite(b[0]))
+            torch.testing.assert_close(a[row][finite], b[0][finite], atol=atol, rtol=atol)

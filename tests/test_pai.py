@@ -11,7 +11,7 @@ import halludec
 from halludec.decoding.pai import boost_image_scores, cfg_combine
 from halludec.tiny import tiny_batch
 from tests.conftest import QUESTIONS, REQUIRED_FAMILIES, tiny
-from tests.helpers import assert_same_snapshot, max_score_diff, snapshot
+from tests.helpers import assert_batch_equals_singles, assert_same_snapshot, max_score_diff, snapshot
 
 KW = {"max_new_tokens": 5, "min_new_tokens": 5, "do_sample": False}
 SCORES = {"output_scores": True, "return_dict_in_generate": True}
@@ -84,18 +84,7 @@ def test_skip_first_token_leaves_the_first_step_plain():
 @pytest.mark.parametrize("strategy", ["pai", "pai:repro"])
 def test_batch_of_two_equals_singles(strategy):
     model, processor = tiny("llava")
-    batch = tiny_batch(processor, "llava", QUESTIONS, seed=0)
-    both = halludec.generate(model, batch, strategy, **KW, **SCORES)
-    for row, question in enumerate(QUESTIONS):
-        single = tiny_batch(processor, "llava", [question], seed=0, image_seed_offset=row)
-        alone = halludec.generate(model, single, strategy, **KW, **SCORES)
-        assert torch.equal(
-            both.sequences[row, batch["input_ids"].shape[1] :], alone.sequences[0, single["input_ids"].shape[1] :]
-        )
-        for a, b in zip(both.scores, alone.scores, strict=True):
-            finite = torch.isfinite(a[row]) & torch.isfinite(b[0])
-            assert torch.equal(torch.isfinite(a[row]), torch.isfinite(b[0]))
-            torch.testing.assert_close(a[row][finite], b[0][finite], atol=1e-4, rtol=1e-4)
+    assert_batch_equals_singles(model, processor, "llava", strategy, QUESTIONS, **KW)
 
 
 def test_beam_and_sampling_run():

@@ -10,7 +10,7 @@ from halludec.decoding.vhd import head_divergence, lockstep_prefill, vhr_head_ma
 from halludec.decoding.vhr import default_layers
 from halludec.tiny import tiny_batch
 from tests.conftest import QUESTIONS, REQUIRED_FAMILIES, tiny
-from tests.helpers import assert_same_snapshot, max_score_diff, snapshot
+from tests.helpers import assert_batch_equals_singles, assert_same_snapshot, max_score_diff, snapshot
 
 KW = {"max_new_tokens": 5, "min_new_tokens": 5, "do_sample": False}
 SCORES = {"output_scores": True, "return_dict_in_generate": True}
@@ -110,16 +110,7 @@ def test_neutral_equals_generate_and_active_changes(family):
 
 def test_batch_of_two_equals_singles():
     model, processor = tiny("qwen2_vl")
-    batch = tiny_batch(processor, "qwen2_vl", QUESTIONS, seed=0)
-    both = halludec.generate(model, batch, "vhr", **KW, **SCORES)
-    for row, question in enumerate(QUESTIONS):
-        single = tiny_batch(processor, "qwen2_vl", [question], seed=0, image_seed_offset=row)
-        alone = halludec.generate(model, single, "vhr", **KW, **SCORES)
-        assert torch.equal(
-            both.sequences[row, batch["input_ids"].shape[1] :], alone.sequences[0, single["input_ids"].shape[1] :]
-        )
-        for a, b in zip(both.scores, alone.scores, strict=True):
-            torch.testing.assert_close(a[row], b[0], atol=1e-4, rtol=1e-4)
+    assert_batch_equals_singles(model, processor, "qwen2_vl", "vhr", QUESTIONS, **KW)
 
 
 def test_beam_sampling_and_errors():
