@@ -12,7 +12,10 @@ EPILOG = """examples:
   halludec ls                       list strategies (with presets) and supported model types
   halludec ls --json                the same, machine-readable
   halludec demo                     end-to-end run on a tiny model built from config (CPU, seconds)
-  halludec demo --family qwen2_vl --strategy none --new-tokens 16
+  halludec demo --family qwen2_vl --strategy vhr --new-tokens 16
+  halludec score --benchmark pope --predictions preds.jsonl --parser pope --json
+  halludec score --benchmark chair --predictions caps.jsonl --annotations coco/annotations
+  halludec compare results/*.json --plot comparison.png
 """
 
 
@@ -96,6 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
     p_demo.add_argument("--new-tokens", type=int, default=12, help="tokens to generate (default: 12)")
     p_demo.add_argument("--seed", type=int, default=0)
     p_demo.set_defaults(func=_cmd_demo)
+
+    from halludec.benchmarks.cli import add_compare_subcommand, add_score_subcommand
+
+    add_score_subcommand(sub)
+    add_compare_subcommand(sub)
     return parser
 
 
