@@ -20,6 +20,7 @@ MATRIX: dict[str, tuple[dict, dict | None]] = {
     "var": ({"sink_keep_frac": 1.0}, {"sink_dims": (0, 1, 2, 3), "sink_tau": 1.5, "sink_keep_frac": 0.0}),
     "inter": ({"interaction_weight": 0.0, "plausibility_beta": 0.0}, {"var_k": 0.0, "plausibility_beta": 0.0}),
     "vcd": ({"alpha": 0.0, "plausibility_beta": 0.0}, {"plausibility_beta": 0.0}),
+    "gift": ({"alpha": 0.0}, {"alpha": 5.0}),
     "pai": ({"alpha": 0.0}, {"alpha": 2.0, "cfg_gamma": 1.5}),
     "vhr": ({"alpha": 1.0}, {"alpha": 2.0}),
     "paint": ({"alpha_local": 0.0, "beta_summary": 0.0}, {"alpha_local": 3.0, "beta_summary": 3.0}),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from halludec.decoding import (  # noqa: F401
+    gift,
     inter,
     none,
     pai,
