@@ -13,6 +13,8 @@ EPILOG = """examples:
   halludec ls --json                the same, machine-readable
   halludec demo                     end-to-end run on a tiny model built from config (CPU, seconds)
   halludec demo --family qwen2_vl --strategy vhr --new-tokens 16
+  halludec run --model llava-hf/llava-1.5-7b-hf --strategy none --strategy vhr --benchmark pope \\
+      --data pope/coco --image-dir coco/val2014 --split adversarial --batch-size 8 --output results/
   halludec score --benchmark pope --predictions preds.jsonl --parser pope --json
   halludec score --benchmark chair --predictions caps.jsonl --annotations coco/annotations
   halludec compare results/*.json --plot comparison.png
@@ -78,6 +80,85 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_sets(sets: Sequence[str], strategies: Sequence[str]) -> dict[str, dict[str, object]]:
+    """``--set field=value`` (one strategy) or ``--set name.field=value`` -> overrides per strategy name.
+
+    Values are parsed as JSON when they parse (numbers, booleans, lists, null), else kept as strings.
+
+    Raises:
+        ValueError: a malformed item, or an unqualified field with several strategies.
+    """
+    names = [s.partition(":")[0] for s in strategies]
+    out: dict[str, dict[str, object]] = {n: {} for n in names}
+    for item in sets:
+        key, eq, raw = item.partition("=")
+        if not eq or not key:
+            raise ValueError(f"--set {item!r} is malformed; use field=value (or strategy.field=value).")
+        name, dot, fieldname = key.rpartition(".")
+        if not dot:
+            if len(names) != 1:
+                raise ValueError(f"--set {item!r} is ambiguous with strategies {names}; write strategy.{key}=...")
+            name, fieldname = names[0], key
+        if name not in out:
+            raise ValueError(f"--set {item!r} names strategy {name!r}, which is not among {names}.")
+        try:
+            value: object = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        out[name][fieldname] = tuple(value) if isinstance(value, list) else value
+    return out
+
+
+def load_model(name: str, dtype: str = "auto", device: str = "auto"):
+    """Load a model and processor with ``from_pretrained`` (bf16 on CUDA, fp32 on CPU by default)."""
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    cuda = torch.cuda.is_available() and device != "cpu"
+    torch_dtype = {
+        "auto": torch.bfloat16 if cuda else torch.float32,
+        "bf16": torch.bfloat16,
+        "fp32": torch.float32,
+        "fp16": torch.float16,
+    }[dtype]
+    kwargs = {"dtype": torch_dtype}
+    if cuda:
+        kwargs["device_map"] = "auto" if device == "auto" else device
+    model = AutoModelForImageTextToText.from_pretrained(name, **kwargs).eval()
+    processor = AutoProcessor.from_pretrained(name)
+    getattr(processor, "tokenizer", processor).padding_side = "left"
+    return model, processor
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    import halludec
+    from halludec.benchmarks.runner import RunConfig, run_benchmark
+
+    names = args.strategy or ["none"]
+    overrides = parse_sets(args.set, names)
+    strategies = [halludec.get_strategy(s, **overrides[s.partition(":")[0]]) for s in names]
+    model, processor = load_model(args.model, args.dtype, args.device)
+    for strategy in strategies:  # one results file per strategy
+        config = RunConfig(
+            benchmark=args.benchmark,
+            data=args.data,
+            image_dir=args.image_dir,
+            split=args.split,
+            limit=args.limit,
+            batch_size=args.batch_size,
+            output=args.output,
+            parser=args.parser,
+            max_new_tokens=args.max_new_tokens,
+            image_list=args.image_list,
+            seed=args.seed,
+        )
+        record = run_benchmark(model, processor, strategy, config, progress=not args.quiet)
+        shown = ", ".join(f"{k}={m.value:.4g}" for k, m in record.metrics.items() if isinstance(m.value, float))
+        print(f"{strategy.name}{':' + strategy.preset if strategy.preset else ''}: n={record.n_samples} {shown}")
+        print(f"  results: {record.samples_file.replace('.samples.jsonl', '.json')}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``halludec`` command."""
     parser = argparse.ArgumentParser(
@@ -99,6 +180,28 @@ def build_parser() -> argparse.ArgumentParser:
     p_demo.add_argument("--new-tokens", type=int, default=12, help="tokens to generate (default: 12)")
     p_demo.add_argument("--seed", type=int, default=0)
     p_demo.set_defaults(func=_cmd_demo)
+
+    p_run = sub.add_parser("run", help="run a model x strategies on a benchmark (resumable)")
+    p_run.add_argument("--model", required=True, help="HF id or local folder (from_pretrained)")
+    p_run.add_argument(
+        "--strategy", action="append", default=None, help="repeatable; one results file each (default: none)"
+    )
+    p_run.add_argument("--set", action="append", default=[], help="field=value or strategy.field=value")
+    p_run.add_argument("--benchmark", required=True, choices=["pope", "chair"])
+    p_run.add_argument("--data", required=True, help="POPE files / parquet folder / HF id; CHAIR: COCO annotations")
+    p_run.add_argument("--image-dir", default=None, help="COCO val2014 folder (POPE question files, CHAIR)")
+    p_run.add_argument("--split", default=None, help="POPE split (default: all three)")
+    p_run.add_argument("--limit", type=int, default=None)
+    p_run.add_argument("--batch-size", type=int, default=1)
+    p_run.add_argument("--output", default="results")
+    p_run.add_argument("--parser", default="pope", help="POPE answer rule")
+    p_run.add_argument("--image-list", default="opera_compat", help="CHAIR image list")
+    p_run.add_argument("--max-new-tokens", type=int, default=None)
+    p_run.add_argument("--seed", type=int, default=0)
+    p_run.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
+    p_run.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda:0, ...")
+    p_run.add_argument("--quiet", action="store_true", help="no progress bar")
+    p_run.set_defaults(func=_cmd_run)
 
     from halludec.benchmarks.cli import add_compare_subcommand, add_score_subcommand
 

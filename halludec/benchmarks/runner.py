@@ -1,0 +1,248 @@
+"""The model runner: one model x one strategy x one benchmark, resumable, writing per-sample JSONL and a results file.
+
+Torch and the decoding core are imported lazily (inside the functions), so ``halludec.benchmarks`` stays
+torch-free. Every answer is appended to ``<output>/<stem>.samples.jsonl`` as soon as its batch finishes; an
+interrupted run started again with the same arguments skips the ids already there, so nothing is lost or
+duplicated, and the results file is then scored from the samples file (identical whatever the interruptions).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from halludec.benchmarks.chair import load_chair_samples
+from halludec.benchmarks.chair_gt import load_ground_truth
+from halludec.benchmarks.chair_metrics import CHAIR_DEFAULT_MAX_NEW_TOKENS, CHAIR_DEFAULT_PROMPT
+from halludec.benchmarks.pope_data import POPE_DEFAULT_MAX_NEW_TOKENS, POPE_DEFAULT_PROMPT, load_pope
+from halludec.benchmarks.results import ModelInfo, ResultRecord, StrategyInfo, save_results
+from halludec.benchmarks.samples import SampleWriter, load_done_ids
+from halludec.benchmarks.scoring import score_file
+
+RUNNABLE = ("pope", "chair")
+
+
+@dataclass
+class RunConfig:
+    """What to run (every field is recorded in the results file).
+
+    Attributes:
+        benchmark: ``pope`` or ``chair``.
+        data: POPE question files / parquet folder or HF id (POPE); the COCO annotations folder (CHAIR).
+        image_dir: The COCO val2014 image folder (POPE question files, CHAIR).
+        split: POPE split (``random``, ``popular``, ``adversarial``); None = all three.
+        limit: Keep the first ``limit`` samples (per split for POPE).
+        batch_size: Prompts per ``generate`` call (left-padded).
+        output: Folder for ``<stem>.samples.jsonl`` and ``<stem>.json``.
+        parser: POPE answer rule.
+        prompt_template: ``{question}`` template (POPE) or the caption prompt (CHAIR); None = the pinned default.
+        max_new_tokens: None = the benchmark default (POPE 128, CHAIR 512).
+        image_list: CHAIR image list (``opera_compat``, ``halludec_default`` or a file).
+        seed: Recorded and used to seed torch before each batch (sampling strategies).
+        generation: Extra ``generate`` kwargs (greedy by default).
+    """
+
+    benchmark: str
+    data: str
+    image_dir: str | None = None
+    split: str | None = None
+    limit: int | None = None
+    batch_size: int = 1
+    output: str = "results"
+    parser: str = "pope"
+    prompt_template: str | None = None
+    max_new_tokens: int | None = None
+    image_list: str = "opera_compat"
+    seed: int = 0
+    generation: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming a bad field."""
+        if self.benchmark not in RUNNABLE:
+            raise ValueError(f"benchmark={self.benchmark!r} cannot be run; runnable: {', '.join(RUNNABLE)}.")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size={self.batch_size} is invalid; use an integer >= 1.")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"limit={self.limit} is invalid; use an integer >= 1 or leave it unset.")
+
+
+def run_benchmark(model: Any, processor: Any, strategy: Any, config: RunConfig, progress: bool = True) -> ResultRecord:
+    """Run ``strategy`` on ``config.benchmark`` with ``model``; resume from an existing samples file.
+
+    Args:
+        model: A loaded vision-language model.
+        processor: Its processor (chat template; left padding is forced).
+        strategy: A strategy name / preset / instance, or a list of them (composition).
+        config: What to run.
+        progress: Show a progress bar (tqdm when installed).
+
+    Returns:
+        The results record (also written to ``<output>/<stem>.json``).
+    """
+    import halludec
+    from halludec.decoding import resolve_strategies
+
+    config.validate()
+    strategies = resolve_strategies(strategy if isinstance(strategy, (list, tuple)) else [strategy])
+    items, prompt, max_new = _samples(config)
+    out_dir = Path(config.output).expanduser()
+    stem = _stem(config, strategies)
+    samples_path = out_dir / f"{stem}.samples.jsonl"
+    key = "id" if config.benchmark == "pope" else "image_id"
+    done = {str(i) for i in load_done_ids(samples_path, key=key)} if samples_path.exists() else set()
+    todo = [s for s in items if str(_sample_id(s)) not in done]
+    generation = {"max_new_tokens": max_new, "do_sample": False, **config.generation}
+    tok = getattr(processor, "tokenizer", processor)
+    tok.padding_side = "left"
+    start, new_tokens = time.perf_counter(), 0
+    with SampleWriter(samples_path) as writer:
+        for batch in _progress(_chunks(todo, config.batch_size), len(todo), config.batch_size, progress, stem):
+            questions = [_question(s, config, prompt) for s in batch]
+            inputs = _inputs(processor, [_image(s) for s in batch], questions, model)
+            _seed(config.seed)
+            out = halludec.generate(model, inputs, strategies, processor=processor, questions=questions, **generation)
+            new = out[:, inputs["input_ids"].shape[1] :]
+            new_tokens += int((new != (tok.pad_token_id if tok.pad_token_id is not None else -1)).sum())
+            for sample, text in zip(batch, tok.batch_decode(new, skip_special_tokens=True), strict=True):
+                writer.write(_row(sample, text.strip(), config))
+    wall = time.perf_counter() - start
+    options: dict[str, Any] = (
+        {"parser": config.parser}
+        if config.benchmark == "pope"
+        else {
+            "annotations": config.data,
+            "image_list": config.image_list,
+        }
+    )
+    record = score_file(config.benchmark, samples_path, **options).record
+    record.model = _model_info(model)
+    record.strategy = [_strategy_info(s) for s in strategies] if len(strategies) > 1 else _strategy_info(strategies[0])
+    record.generation = {k: v for k, v in generation.items() if _jsonable(v)}
+    record.seed = config.seed
+    record.halludec_version = halludec.__version__
+    record.benchmark.prompt_template = prompt
+    record.benchmark.limit = config.limit
+    record.benchmark.split = config.split if config.benchmark == "pope" else None
+    if config.benchmark == "pope":
+        record.benchmark.data = load_pope(config.data, splits=_splits(config), limit=config.limit).data_info()
+    record.wall_time_s = wall if todo else None
+    record.tokens_per_s = new_tokens / wall if todo and wall > 0 else None
+    record.samples_file = str(samples_path)
+    save_results(record, out_dir / f"{stem}.json")
+    return record
+
+
+def _samples(config: RunConfig) -> tuple[list[Any], str, int]:
+    if config.benchmark == "pope":
+        data = load_pope(config.data, splits=_splits(config), image_dir=config.image_dir, limit=config.limit)
+        prompt = config.prompt_template or POPE_DEFAULT_PROMPT
+        return data.samples, prompt, config.max_new_tokens or POPE_DEFAULT_MAX_NEW_TOKENS
+    if config.image_dir is None:
+        raise ValueError("CHAIR needs image_dir= (the COCO val2014 folder) to caption the images.")
+    pool = None
+    if config.image_list == "halludec_default":
+        pool = load_ground_truth(config.data).image_ids
+    samples = load_chair_samples(config.image_list, config.image_dir, pool=pool, limit=config.limit)
+    return (
+        samples,
+        config.prompt_template or CHAIR_DEFAULT_PROMPT,
+        config.max_new_tokens or CHAIR_DEFAULT_MAX_NEW_TOKENS,
+    )
+
+
+def _splits(config: RunConfig) -> list[str] | None:
+    return [config.split] if config.split else None
+
+
+def _stem(config: RunConfig, strategies: Sequence[Any]) -> str:
+    names = "+".join(s.name + (f"-{s.preset}" if s.preset else "") for s in strategies)
+    split = f"_{config.split}" if config.benchmark == "pope" and config.split else ""
+    return f"{config.benchmark}{split}_{names}"
+
+
+def _sample_id(sample: Any) -> Any:
+    return sample.id if hasattr(sample, "id") else sample.image_id
+
+
+def _question(sample: Any, config: RunConfig, prompt: str) -> str:
+    return prompt.format(question=sample.question) if config.benchmark == "pope" else prompt
+
+
+def _image(sample: Any) -> Any:
+    return sample.load_image()
+
+
+def _row(sample: Any, text: str, config: RunConfig) -> dict[str, Any]:
+    if config.benchmark == "pope":
+        return {**sample.to_row(), "answer": text}
+    return {"image_id": sample.image_id, "caption": text}
+
+
+def _inputs(processor: Any, images: list[Any], questions: list[str], model: Any) -> Any:
+    """Chat-template inputs (one user turn: image + text per row), left-padded, on the model's device."""
+    conversations = [
+        [{"role": "user", "content": [{"type": "image", "image": img}, {"type": "text", "text": q}]}]
+        for img, q in zip(images, questions, strict=True)
+    ]
+    batch = processor.apply_chat_template(
+        conversations,
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=True,
+        return_tensors="pt",
+        processor_kwargs={"padding": True, "padding_side": "left"},
+    )
+    batch.pop("labels", None)
+    return batch.to(model.device)
+
+
+def _seed(seed: int) -> None:
+    import torch
+
+    torch.manual_seed(seed)
+
+
+def _chunks(items: list[Any], size: int) -> list[list[Any]]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def _progress(batches: list[list[Any]], total: int, size: int, show: bool, desc: str) -> Any:
+    if not show:
+        return batches
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return batches
+
+    def gen() -> Any:
+        with tqdm(total=total, desc=desc, unit="sample") as bar:
+            for batch in batches:
+                yield batch
+                bar.update(len(batch))
+
+    return gen()
+
+
+def _model_info(model: Any) -> ModelInfo:
+    from halludec.vlm_adapters import get_adapter
+
+    cfg = model.config
+    return ModelInfo(
+        name_or_path=getattr(cfg, "_name_or_path", None) or "unknown",
+        model_type=cfg.model_type,
+        config_fingerprint=get_adapter(model).config_fingerprint(),
+        dtype=str(getattr(model, "dtype", None)).replace("torch.", ""),
+        device=str(getattr(model, "device", None)),
+    )
+
+
+def _strategy_info(strategy: Any) -> StrategyInfo:
+    info = strategy.describe()
+    return StrategyInfo(name=info["name"], preset=info["preset"], config=info["config"])
+
+
+def _jsonable(value: Any) -> bool:
+    return isinstance(value, (str, int, float, bool, type(None), list, tuple, dict))

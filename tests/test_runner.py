@@ -1,0 +1,126 @@
+"""The model runner end to end on a tiny saved model: POPE and CHAIR, several strategies, resume without loss."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from halludec.benchmarks.runner import RunConfig, run_benchmark
+from halludec.benchmarks.samples import read_jsonl
+from halludec.cli import main, parse_sets
+from halludec.tiny import build_tiny
+from tests.benchmarks.conftest import POPE_IMAGES, write_coco, write_pope
+
+
+@pytest.fixture(scope="module")
+def saved_llava(tmp_path_factory):
+    model, processor = build_tiny("llava")
+    folder = tmp_path_factory.mktemp("tiny_llava")
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture
+def coco_images(tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "val2014"
+    folder.mkdir()
+    for k, name in enumerate([*POPE_IMAGES, "COCO_val2014_000000000003.jpg"]):
+        Image.new("RGB", (32, 32), (60 * k, 90, 200)).save(folder / name)
+    return folder
+
+
+def test_run_pope_two_strategies_and_resume(saved_llava, coco_images, tmp_path, capsys):
+    pope = write_pope(tmp_path / "pope")
+    out = tmp_path / "results"
+    argv = [
+        "run",
+        "--model",
+        saved_llava,
+        "--strategy",
+        "none",
+        "--strategy",
+        "pai",
+        "--benchmark",
+        "pope",
+        "--data",
+        str(pope),
+        "--image-dir",
+        str(coco_images),
+        "--split",
+        "random",
+        "--batch-size",
+        "2",
+        "--max-new-tokens",
+        "3",
+        "--output",
+        str(out),
+        "--quiet",
+    ]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "none: n=4" in printed
+    assert "pai: n=4" in printed
+    record = json.loads((out / "pope_random_none.json").read_text())
+    assert record["model"]["model_type"] == "llava"
+    assert record["strategy"]["name"] == "none"
+    assert record["benchmark"]["prompt_template"].startswith("{question}")
+    assert record["benchmark"]["data"]["variant"]
+    assert record["generation"]["max_new_tokens"] == 3
+    assert set(record["metrics"]) >= {"accuracy", "f1", "yes_ratio", "unparseable"}
+    rows = read_jsonl(out / "pope_random_none.samples.jsonl")
+    assert len(rows) == 4
+    assert len({r["id"] for r in rows}) == 4
+
+    # An interrupted run: drop the last two rows (and leave a half-written line), run again: same rows, no dupes.
+    path = out / "pope_random_pai.samples.jsonl"
+    full = read_jsonl(path)
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(lines[:2]) + lines[2][: len(lines[2]) // 2])
+    assert main(argv) == 0
+    resumed = read_jsonl(path)
+    assert resumed == full
+    again = json.loads((out / "pope_random_pai.json").read_text())
+    assert again["n_samples"] == 4
+    assert again["strategy"]["name"] == "pai"
+
+
+def test_run_chair_python_api(saved_llava, coco_images, tmp_path):
+    from halludec.cli import load_model
+
+    coco = write_coco(tmp_path / "annotations")
+    ids = tmp_path / "ids.txt"
+    ids.write_text("1\n2\n3\n")
+    model, processor = load_model(saved_llava)
+    config = RunConfig(
+        benchmark="chair",
+        data=str(coco),
+        image_dir=str(coco_images),
+        image_list=str(ids),
+        batch_size=2,
+        max_new_tokens=6,
+        output=str(tmp_path / "out"),
+    )
+    record = run_benchmark(model, processor, "vhr", config, progress=False)
+    assert record.n_samples == 3
+    assert {"chair_s", "chair_i"} <= set(record.metrics)
+    assert record.strategy.name == "vhr"
+    rows = read_jsonl(tmp_path / "out" / "chair_vhr.samples.jsonl")
+    assert [r["image_id"] for r in rows] == [1, 2, 3]
+
+
+def test_parse_sets():
+    assert parse_sets(["alpha=2", "layers=[1,2]"], ["vhr"]) == {"vhr": {"alpha": 2, "layers": (1, 2)}}
+    assert parse_sets(["vcd.alpha=0.5"], ["vhr", "vcd"]) == {"vhr": {}, "vcd": {"alpha": 0.5}}
+    with pytest.raises(ValueError, match="ambiguous"):
+        parse_sets(["alpha=1"], ["vhr", "vcd"])
+    with pytest.raises(ValueError, match="malformed"):
+        parse_sets(["alpha"], ["vhr"])
+
+
+def test_bad_run_config():
+    with pytest.raises(ValueError, match="benchmark='amber' cannot be run"):
+        RunConfig(benchmark="amber", data="x").validate()
