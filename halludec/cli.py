@@ -15,6 +15,8 @@ EPILOG = """examples:
   halludec demo --family qwen2_vl --strategy vhr --new-tokens 16
   halludec run --model llava-hf/llava-1.5-7b-hf --strategy none --strategy vhr --benchmark pope \\
       --data pope/coco --image-dir coco/val2014 --split adversarial --batch-size 8 --output results/
+  halludec heads --model llava-hf/llava-1.5-7b-hf --criterion vhd --data images/ --limit 32 \\
+      --out profile.json --plot heads.png
   halludec score --benchmark pope --predictions preds.jsonl --parser pope --json
   halludec score --benchmark chair --predictions caps.jsonl --annotations coco/annotations
   halludec compare results/*.json --plot comparison.png
@@ -204,9 +206,11 @@ def build_parser() -> argparse.ArgumentParser:
     p_run.set_defaults(func=_cmd_run)
 
     from halludec.benchmarks.cli import add_compare_subcommand, add_score_subcommand
+    from halludec.heads.cli import add_heads_subcommand
 
     add_score_subcommand(sub)
     add_compare_subcommand(sub)
+    add_heads_subcommand(sub)
     return parser
 
 

@@ -178,3 +178,31 @@ def test_sliding_window_layer_maps_image_keys_by_absolute_position():
     first_keys = decode[0][1][0]
     assert first_keys.any(), "the test must see image keys inside the window"
     assert not torch.equal(first_keys, image[: decode[0][0]]), "absolute mapping differs from naive slicing"
+
+
+def test_score_edits_never_unmask_keys():
+    """A boost that would push a masked score positive (z + 2|z| at finfo.min) leaves masked keys masked."""
+    from halludec.decoding import Strategy, StrategyConfig
+
+    class Boost(Strategy):
+        config_class = StrategyConfig
+
+        def edit_scores(self, scores, ctx):
+            return scores + 2.0 * scores.abs()
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 2, 1, 3), torch.randn(1, 2, 4, 3), torch.randn(1, 2, 4, 3)
+    mask = torch.tensor([[[[False, True, True, False]]]])
+    out, probs = eager_attention(
+        _Module(),
+        q,
+        k,
+        v,
+        mask,
+        (_FakeCall(), LayerPlan(prob_strategies=[Boost()], rows="all")),
+        scaling=1.0,
+        keep_probs=True,
+    )
+    assert torch.isfinite(out).all()
+    assert probs[..., 0].abs().max() == 0
+    assert probs[..., 3].abs().max() == 0

@@ -19,6 +19,7 @@ from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
+from halludec.decoding.base import Strategy
 from halludec.decoding.context import CallContext, LayerContext, LayerPlan
 
 ATTN_NAME = "halludec"
@@ -165,8 +166,12 @@ def _attend(
         scores = torch.tanh(scores / softcap) * softcap
     scores = apply_mask(scores, mask, causal)
     strategies = plan.prob_strategies if plan is not None else []
-    for strategy in strategies:
-        scores = strategy.edit_scores(scores, ctx)
+    if any(type(s).edit_scores is not Strategy.edit_scores for s in strategies):
+        low = torch.finfo(scores.dtype).min
+        blocked = scores == low  # [B, H, q, K]: masked keys (padding, causal, outside a sliding window)
+        for strategy in strategies:
+            scores = strategy.edit_scores(scores, ctx)
+        scores = scores.masked_fill(blocked, low)  # an edit never un-masks a key
     probs = torch.softmax(scores, dim=-1)  # [B, H, q, K]
     for strategy in strategies:
         probs = strategy.edit_probs(probs, ctx)

@@ -70,8 +70,9 @@ def boost_image_scores(scores: torch.Tensor, image_keys: torch.Tensor, alpha: fl
     Returns:
         New scores; other keys unchanged.
     """
-    image = image_keys[:, None, None, :].to(scores.dtype)  # [B, 1, 1, K]
-    return scores + alpha * scores.abs() * image
+    image = image_keys[:, None, None, :]  # [B, 1, 1, K]
+    # where(), not a multiply by the mask: alpha * |finfo.min| on masked keys would overflow to inf (inf * 0 = NaN).
+    return torch.where(image, scores + alpha * scores.abs(), scores)
 
 
 def cfg_combine(logits: torch.Tensor, no_image: torch.Tensor, gamma: float, beta: float) -> torch.Tensor:

@@ -17,12 +17,17 @@ instead of layer 0 (the others attend within windows); LLaVA-NeXT / OneVision se
 The optional spatial stream (``spatial_ratio``, off by default as released) uses the intended selector — column
 sums of the head-mean layer-0 attention over patch rows — instead of the released code's row sums (always 1).
 
+Head sets: with ``profile=`` (a head profile JSON, e.g. ``halludec heads --criterion image_attention``) the boost is
+restricted to the profile's top ``profile_k`` share of all heads (a per-layer head mask on the boost); layers of the
+band without a profile head are left alone. Not in the paper; default off.
+
 Optional CFG against the image-free prompt (``cfg_gamma``), as in PAI. The ``repro`` preset follows the authors'
 CHAIR script: alpha 0.9, beta 0.3, CFG gamma 1.1, and no boost on the first generated token (released behaviour).
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -31,6 +36,7 @@ import torch
 from halludec.decoding.base import Strategy, StrategyConfig, check_range, register_strategy
 from halludec.decoding.context import CallContext, LayerContext
 from halludec.decoding.pai import cfg_combine
+from halludec.decoding.profile import check_profile_k, check_profile_path, profile_head_mask, profile_path
 from halludec.decoding.side import LogitsContext
 from halludec.decoding.vision import vision_attentions
 from halludec.decoding.vision_tokens import (
@@ -57,6 +63,8 @@ class PAINTConfig(StrategyConfig):
         cfg_gamma: CFG weight against the image-free branch; 1.0 = off.
         plausibility_beta: Plausibility cutoff of the CFG step (0 = none).
         skip_first_token: Do not boost while predicting the first token (the released code with CFG).
+        profile: Path of a head profile JSON: boost only its top heads; None = every head (the paper).
+        profile_k: Share of all heads taken from the profile, in (0, 1].
     """
 
     alpha_local: float = 0.7
@@ -68,6 +76,11 @@ class PAINTConfig(StrategyConfig):
     cfg_gamma: float = 1.0
     plausibility_beta: float = 0.1
     skip_first_token: bool = False
+    profile: str | None = None
+    profile_k: float = 0.1
+
+    def __post_init__(self) -> None:
+        self.profile = profile_path(self.profile)
 
     def validate(self) -> None:
         check_range("alpha_local", self.alpha_local, 0.0, None)
@@ -77,6 +90,8 @@ class PAINTConfig(StrategyConfig):
         check_range("first_layer", self.first_layer, 0, None)
         check_range("cfg_gamma", self.cfg_gamma, 0.0, None)
         check_range("plausibility_beta", self.plausibility_beta, 0.0, 1.0)
+        check_profile_path(self.profile)
+        check_profile_k(self.profile_k)
 
 
 def select_tokens(
@@ -126,6 +141,9 @@ class PAINT(Strategy):
     def prepare(self, call: CallContext) -> None:
         """Select each image's local and summary tokens; store ``[B, L]`` masks in ``call.state``."""
         adapter = call.adapter
+        heads = None  # [L, H] bool: the profile's head set (checked first: a wrong profile fails fast)
+        if self.config.profile is not None:
+            heads = profile_head_mask(self.config.profile, adapter, self.config.profile_k)
         n_vision = len(adapter.vision_attention_modules())
         full = full_attention_layers(adapter)
         first = full[0] if full else 0
@@ -158,6 +176,19 @@ class PAINT(Strategy):
                 masks[1, row, start : start + n] = summ.to(masks.device)
                 i += 1
         call.state["paint_local"], call.state["paint_summary"] = masks[0], masks[1]
+        if heads is not None:
+            call.state["paint_heads"] = {
+                layer: heads[layer].to(device=masks.device, dtype=torch.float32)  # [H]
+                for layer in torch.nonzero(heads.any(dim=-1)).flatten().tolist()
+            }
+            if not any(layer >= self.config.first_layer for layer in call.state["paint_heads"]):
+                warnings.warn(
+                    f"PAINT: the profile {self.config.profile!r} has no head among its top profile_k="
+                    f"{self.config.profile_k} in layers >= first_layer={self.config.first_layer} (its heads are in "
+                    f"layers {sorted(call.state['paint_heads'])}); nothing is boosted. Raise profile_k or lower "
+                    "first_layer.",
+                    stacklevel=2,
+                )
 
     def _summary_layer(self, call: CallContext, n_vision: int, full: list[int] | None) -> int:
         """The configured layer, else the model's ``vision_feature_layer`` (-1 without one), as an index."""
@@ -179,16 +210,23 @@ class PAINT(Strategy):
     def attention_layers(self, call: CallContext) -> set[int]:
         if self.config.alpha_local == 0.0 and self.config.beta_summary == 0.0:
             return set()
-        return set(range(self.config.first_layer, call.adapter.dims.num_layers))
+        band = set(range(self.config.first_layer, call.adapter.dims.num_layers))
+        if self.config.profile is not None:
+            return band & set(call.state["paint_heads"])
+        return band
 
     def edit_scores(self, scores: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
         if self.config.skip_first_token and ctx.is_prefill:
             return scores
         state = ctx.call.state
-        local = ctx.keys(state["paint_local"])[:, None, None, :].to(scores.dtype)  # [B, 1, 1, K]
-        summary = ctx.keys(state["paint_summary"])[:, None, None, :].to(scores.dtype)  # [B, 1, 1, K]
-        gain = self.config.alpha_local * local + self.config.beta_summary * summary
-        return scores + gain * scores.abs()
+        local = ctx.keys(state["paint_local"])[:, None, None, :]  # [B, 1, 1, K]
+        summary = ctx.keys(state["paint_summary"])[:, None, None, :]  # [B, 1, 1, K]
+        gain = torch.where(local, self.config.alpha_local, 0.0) + torch.where(summary, self.config.beta_summary, 0.0)
+        if self.config.profile is not None:  # only the profile's heads are boosted
+            heads = state["paint_heads"][ctx.layer_idx].to(gain.dtype)  # [H]
+            gain = gain * heads[None, :, None, None]  # [B, H, 1, K]
+        # where(), not a multiply: gain * |finfo.min| on masked keys could overflow to inf (inf * 0 = NaN).
+        return torch.where(local | summary, scores + gain * scores.abs(), scores)
 
     def side_inputs(self, call: CallContext) -> list[Any]:
         return [] if self.config.cfg_gamma == 1.0 else [call.adapter.text_only_inputs(call.inputs)]

@@ -25,6 +25,10 @@ Conventions (methods.md §1.7): ``sink_keep_frac`` is the released code's ``p`` 
 the call's own prompt (one extra no-grad prefill, once per model: cached by config fingerprint, with a warning).
 If no dimension is found VAR warns and leaves attention unchanged.
 
+Head sets (not in the paper, default off): with ``profile=`` (a head profile JSON, e.g. ``halludec heads --criterion
+image_centric``) only the profile's top ``profile_k`` share of all heads is redistributed; layers without a profile
+head are left alone.
+
 Presets: ``repro`` steers the last layer too (what the released code does); ``general`` (``min_nonsink_ratio``
 0.8) and ``vision_centric`` (0.9) are the paper's settings for those benchmark groups (from paper notes).
 """
@@ -40,6 +44,7 @@ from torch import nn
 
 from halludec.decoding.base import Strategy, StrategyConfig, check_range, register_strategy
 from halludec.decoding.context import CallContext, LayerContext
+from halludec.decoding.profile import check_profile_k, check_profile_path, profile_head_mask, profile_path
 from halludec.decoding.sinks import find_sink_dimensions, known_sink_dims, sink_mask
 
 _FOUND: dict[tuple[str, str, float], tuple[int, ...]] = {}
@@ -64,6 +69,8 @@ class VARConfig(StrategyConfig):
         sink_keep_frac: Fraction of sink attention kept (code ``p``; the paper's ``p`` is 1 minus this). 1.0 = off.
         skip_last_layer: Leave the last decoder layer alone (the released config's intent; its code does not).
         first_layer: First steered layer (sinks are detected from layer 2 in the paper).
+        profile: Path of a head profile JSON: redistribute only in its top heads; None = every head (the paper).
+        profile_k: Share of all heads taken from the profile, in (0, 1].
     """
 
     sink_tau: float = 20.0
@@ -73,10 +80,13 @@ class VARConfig(StrategyConfig):
     sink_keep_frac: float = 0.6
     skip_last_layer: bool = True
     first_layer: int = 2
+    profile: str | None = None
+    profile_k: float = 0.1
 
     def __post_init__(self) -> None:
         if isinstance(self.sink_dims, list):
             self.sink_dims = tuple(self.sink_dims)
+        self.profile = profile_path(self.profile)
 
     def validate(self) -> None:
         check_range("sink_tau", self.sink_tau, 0.0, None)
@@ -96,6 +106,8 @@ class VARConfig(StrategyConfig):
             raise ValueError(f"skip_last_layer={self.skip_last_layer!r} is invalid; allowed: True or False.")
         if isinstance(self.first_layer, bool) or not isinstance(self.first_layer, int) or self.first_layer < 0:
             raise ValueError(f"first_layer={self.first_layer!r} is invalid; allowed: an integer >= 0 (paper: 2).")
+        check_profile_path(self.profile)
+        check_profile_k(self.profile_k)
 
 
 def select_rows(
@@ -171,6 +183,7 @@ class _VARState:
     source: str = ""
     image_end: torch.Tensor | None = None  # [B] one past each row's last image token
     sinks: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [B, L] bool
+    heads: dict[int, torch.Tensor] | None = None  # layer -> [H] bool, with a profile only
 
 
 @register_strategy("var")
@@ -200,6 +213,18 @@ class VAR(Strategy):
         n = call.adapter.dims.num_layers
         last = n - 2 if cfg.skip_last_layer else n - 1
         layers = set(range(cfg.first_layer, last + 1))
+        if cfg.profile is not None:
+            mask = profile_head_mask(cfg.profile, call.adapter, cfg.profile_k)  # [L, H] bool
+            state.heads = {i: mask[i].to(call.input_ids.device) for i in range(mask.shape[0]) if mask[i].any()}
+            if layers and not layers & set(state.heads):
+                warnings.warn(
+                    f"VAR: the profile {cfg.profile!r} has no head among its top profile_k={cfg.profile_k} in the "
+                    f"steered layers {cfg.first_layer}..{last} (its heads are in layers {sorted(state.heads)}); "
+                    "raise profile_k or change first_layer. Attention is left unchanged.",
+                    stacklevel=2,
+                )
+                return
+            layers &= set(state.heads)
         if not layers:
             warnings.warn(
                 f"VAR steers layers {cfg.first_layer}..{last} of this {n}-layer model, i.e. none; lower first_layer "
@@ -234,6 +259,8 @@ class VAR(Strategy):
         image_keys = ctx.image_keys()  # [B, K]
         cfg = self.config
         selected = select_rows(probs, sink_keys, image_keys, eligible, cfg.min_nonsink_ratio, cfg.min_visual_mass)
+        if state.heads is not None:
+            selected = selected & state.heads[ctx.layer_idx][None, :, None]  # [B, H, q]
         return redistribute(probs, sink_keys, image_keys, selected, cfg.sink_keep_frac)
 
     # ------------------------------------------------------------------ helpers

@@ -13,10 +13,17 @@ and every forward scales those heads at all positions (per row: each sample gets
 Layer sets: ``{1} ∪ {L-14, ..., L-1}`` on 32-layer models (LLaVA-1.5-7B, LLaVA-NeXT-7B, as in the paper);
 ``{1} ∪`` the last ``round(14/32 * L)`` layers otherwise (e.g. {1, 16..27} for Qwen2-VL's 28 layers).
 Cost: one extra prefill over the prompt and its image-free copy; decoding steps only scale head outputs (sdpa kept).
+
+**Fixed VHR** (the paper's "fixed heads" ablation, Table 4: one head set for all samples): with ``profile=`` (a head
+profile JSON, e.g. ``halludec heads --criterion vhd``), the profile's top ``profile_k`` share of all heads replaces
+the per-sample selection and no lockstep pass runs. With ``layers=None`` every profile head is reinforced, in
+whatever layer it is; with ``layers`` given, only the profile heads in those layers. The paper found this variant
+much worse than per-sample selection (CHAIR_S 44.72 vs 33.32 on LLaVA-1.5-7B); it costs nothing at prefill.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -24,6 +31,7 @@ import torch
 
 from halludec.decoding.base import Strategy, StrategyConfig, check_range, register_strategy
 from halludec.decoding.context import CallContext, LayerContext
+from halludec.decoding.profile import check_profile_k, check_profile_path, profile_head_mask, profile_path
 from halludec.decoding.vhd import head_divergence, lockstep_prefill, vhr_head_mask
 
 
@@ -37,6 +45,9 @@ class VHRConfig(StrategyConfig):
         outlier_filter: Zero negative-sensitivity outliers before the median rule (the paper's default).
         std_unbiased: Unbiased std for the outlier rule (torch's default).
         reinforce_text_branch: Also scale the image-free branch during the lockstep pass (VHR-1).
+        profile: Path of a head profile JSON: reinforce its top heads for every sample ("fixed VHR") instead of
+            selecting heads per sample; None = per-sample selection (the paper's method).
+        profile_k: Share of all heads taken from the profile, in (0, 1].
     """
 
     alpha: float = 2.0
@@ -44,9 +55,16 @@ class VHRConfig(StrategyConfig):
     outlier_filter: bool = True
     std_unbiased: bool = True
     reinforce_text_branch: bool = True
+    profile: str | None = None
+    profile_k: float = 0.1
+
+    def __post_init__(self) -> None:
+        self.profile = profile_path(self.profile)
 
     def validate(self) -> None:
         check_range("alpha", self.alpha, 0.0, None)
+        check_profile_path(self.profile)
+        check_profile_k(self.profile_k)
         if self.layers is not None:
             if not self.layers:
                 raise ValueError(
@@ -89,6 +107,9 @@ class VHR(Strategy):
 
     def prepare(self, call: CallContext) -> None:
         """Run the lockstep pass and fix each row's head set per layer (``call.state['vhr_scale']``)."""
+        if self.config.profile is not None:
+            self._prepare_fixed(call)
+            return
         layers = self._layers(call)
         alpha = self.config.alpha
         scales: dict[int, torch.Tensor] = {}
@@ -106,6 +127,28 @@ class VHR(Strategy):
         lockstep_prefill(call.model, call.adapter, call.inputs, layers, on_layer)
         call.state["vhr_scale"] = scales
         call.state["vhr_vhd"] = vhds
+
+    def _prepare_fixed(self, call: CallContext) -> None:
+        """Fixed VHR: the profile's head set for every row, no lockstep pass."""
+        mask = profile_head_mask(self.config.profile, call.adapter, self.config.profile_k)  # [L, H] bool
+        if self.config.layers is not None:
+            keep = torch.zeros(mask.shape[0], 1, dtype=torch.bool)  # [L, 1]
+            keep[list(self._layers(call))] = True
+            mask = mask & keep  # [L, H]
+            if not mask.any():
+                warnings.warn(
+                    f"VHR: the profile {self.config.profile!r} has no head among its top profile_k="
+                    f"{self.config.profile_k} in layers={self.config.layers}; nothing is reinforced. Raise profile_k "
+                    "or use layers=None (all the profile's heads).",
+                    stacklevel=2,
+                )
+        device = call.input_ids.device
+        scales: dict[int, torch.Tensor] = {}
+        for layer in torch.nonzero(mask.any(dim=-1)).flatten().tolist():
+            row = 1.0 + (self.config.alpha - 1.0) * mask[layer].float()  # [H]
+            scales[layer] = row.to(device).expand(call.batch_size, -1)  # [B, H]
+        call.state["vhr_scale"] = scales
+        call.state["vhr_vhd"] = {}
 
     def attention_layers(self, call: CallContext) -> set[int]:
         return set(call.state.get("vhr_scale", {}))
