@@ -106,6 +106,19 @@ class Strategy:
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.config!r})"
 
+    @classmethod
+    def model_defaults(cls, adapter: Any) -> dict[str, Any]:
+        """Per-model field values (published settings matched by config structure). Default: none.
+
+        Args:
+            adapter: The model's ``VLMAdapter``.
+
+        Returns:
+            Field values for this model; ``get_strategy(name, model=model)`` applies them under any preset and
+            explicit override.
+        """
+        return {}
+
     # --------------------------------------------------------------- lifecycle
     def prepare(self, call: CallContext) -> None:
         """Per-call setup before decoding (spans, head sets, masks as tensors). Default: nothing."""
@@ -185,11 +198,14 @@ def register_strategy(name: str):
     return add
 
 
-def get_strategy(name: str, **overrides: Any) -> Strategy:
+def get_strategy(name: str, model: Any | None = None, **overrides: Any) -> Strategy:
     """Build a registered strategy, optionally from a preset (``"name:preset"``), with field overrides.
 
     Args:
         name: Registry name, e.g. ``"vhr"``, or ``"pai:repro"`` for a preset.
+        model: Optional model (or its ``VLMAdapter``): fill the fields with this model's published settings
+            (e.g. GIFT's layers for LLaVA-1.5-7B); models without a table entry get the documented generic
+            defaults and a warning. Precedence: model defaults < preset < ``overrides``.
         **overrides: Config field values.
 
     Returns:
@@ -201,6 +217,11 @@ def get_strategy(name: str, **overrides: Any) -> Strategy:
     base, _, preset = name.partition(":")
     cls = STRATEGIES.get(base)
     values: dict[str, Any] = {}
+    if model is not None:
+        from halludec.vlm_adapters import VLMAdapter, get_adapter
+
+        adapter = model if isinstance(model, VLMAdapter) else get_adapter(model)
+        values.update(cls.model_defaults(adapter))
     if preset:
         if preset not in cls.presets:
             raise ValueError(

@@ -209,6 +209,19 @@ class GIFT(Strategy):
     # "repro": the released code tags the question's words with spaCy (needs the `gift` extra).
     presets: ClassVar[dict[str, dict[str, Any]]] = {"repro": {"word_filter": "spacy"}}
 
+    @classmethod
+    def model_defaults(cls, adapter: Any) -> dict[str, Any]:
+        """The released settings for this model (LLaVA-1.5-7B/13B, Qwen2-VL-7B), else the generic ones + a warning."""
+        name, saliency, band, alpha = default_settings(adapter)
+        if name == "generic":
+            warnings.warn(
+                f"GIFT has no released settings for this model ({adapter.config.model_type}, "
+                f"{adapter.dims.num_layers} layers); using the generic defaults saliency_layers={saliency}, "
+                f"enhance_layers={band[0]}..{band[-1]}, alpha={alpha}.",
+                stacklevel=3,
+            )
+        return {"saliency_layers": saliency, "enhance_layers": band, "alpha": alpha}
+
     def _plan(self, call: CallContext) -> _Plan:
         plan = call.state.get(("gift", id(self)))
         if plan is None:

@@ -200,6 +200,12 @@ class VAR(Strategy):
     attention_rows = "all"
     paper = "https://arxiv.org/abs/2503.03321"
 
+    @classmethod
+    def model_defaults(cls, adapter: Any) -> dict[str, Any]:
+        """Confirmed published sink dimensions of this backbone (LLaMA-2-7B: 1415, 2533); else the finder decides."""
+        known = known_sink_dims(adapter.model)
+        return {"sink_dims": tuple(known.dims)} if known is not None and known.status == "confirmed" else {}
+
     @property
     def _key(self) -> str:
         return f"var:{id(self)}"

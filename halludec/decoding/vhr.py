@@ -98,6 +98,11 @@ class VHR(Strategy):
     needs_image = True
     paper = "https://arxiv.org/abs/2412.13949"
 
+    @classmethod
+    def model_defaults(cls, adapter: Any) -> dict[str, Any]:
+        """The paper's layer rule for this depth ({1, 18..31} on 32 layers)."""
+        return {"layers": default_layers(adapter.dims.num_layers)}
+
     def _layers(self, call: CallContext) -> tuple[int, ...]:
         n = call.adapter.dims.num_layers
         layers = default_layers(n) if self.config.layers is None else tuple(self.config.layers)
