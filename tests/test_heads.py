@@ -382,3 +382,29 @@ def test_var_with_profile_redistributes_only_profile_heads(tmp_path):
     assert [pair for pair in changed if pair[0] <= 2] == [(2, 0), (2, 3)]  # layer 3 sees layer 2's new outputs
     without = _changed_heads(model, batch, halludec.get_strategy("var", **active))
     assert len([pair for pair in without if pair[0] == 2]) > 2
+
+
+def test_cli_on_pope_questions(tmp_path, capsys):
+    """`--data` may be a POPE benchmark (question files + --image-dir): its questions are asked about its images."""
+    from PIL import Image
+
+    from tests.benchmarks.conftest import POPE_IMAGES, write_pope
+
+    model, processor = build_tiny("llava")
+    model_dir = tmp_path / "model"
+    model.save_pretrained(model_dir)
+    processor.save_pretrained(model_dir)
+    images = tmp_path / "val2014"
+    images.mkdir()
+    for k, name in enumerate(POPE_IMAGES):
+        Image.new("RGB", (30, 30), (80 * k, 90, 200)).save(images / name)
+    pope = write_pope(tmp_path / "pope", splits=("random",))
+    out = tmp_path / "profile.json"
+    argv = ["heads", "--model", str(model_dir), "--criterion", "image_attention", "--data", str(pope)]
+    argv += ["--image-dir", str(images), "--limit", "3", "--batch-size", "2", "--out", str(out), "--no-progress"]
+    args = _heads_parser().parse_args(argv)
+    assert args.func(args) == 0
+    profile = load_profile(out, model)
+    assert profile.data["source"] == "pope"
+    assert profile.data["n_images"] == 3
+    assert "mean over 3 images" in capsys.readouterr().out

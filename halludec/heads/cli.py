@@ -48,7 +48,13 @@ def add_heads_subcommand(subparsers: Any) -> argparse.ArgumentParser:
     )
     p.add_argument("--model", required=True, help="Hugging Face model id or local folder")
     p.add_argument("--criterion", default="vhd", help=f"one of {', '.join(BUILTIN_CRITERIA)} (default: vhd)")
-    p.add_argument("--data", required=True, help="folder of images (png, jpg, ...; not recursive)")
+    p.add_argument(
+        "--data",
+        required=True,
+        help="folder of images (png, jpg, ...; not recursive), or a POPE benchmark: question files (with "
+        "--image-dir) or lmms-lab/POPE parquet files; POPE questions are then asked about their images",
+    )
+    p.add_argument("--image-dir", default=None, help="COCO val2014 folder for POPE question files")
     p.add_argument("--question", default=None, help='question asked about every image (default: "Describe the image.")')
     p.add_argument("--limit", type=int, default=None, help="use the first N images (sorted by name)")
     p.add_argument("--batch-size", type=int, default=4, help="images per forward (default: 4)")
@@ -85,7 +91,8 @@ def run_heads(args: argparse.Namespace) -> int:
     if args.plot and not has_matplotlib():
         print(f"halludec heads: error: --plot needs matplotlib; {INSTALL_HINT}.", file=sys.stderr)
         return 2
-    images = list_images(args.data, args.limit)
+    pope = _pope_samples(args.data, args.image_dir, args.limit)
+    images = list_images(args.data, args.limit) if pope is None else pope
 
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -105,13 +112,13 @@ def run_heads(args: argparse.Namespace) -> int:
     tokenizer = getattr(processor, "tokenizer", None)
     if tokenizer is not None:
         tokenizer.padding_side = "left"
-    batches = _ImageBatches(images, question, args.batch_size)
+    batches = _ImageBatches(images, question, args.batch_size) if pope is None else _PopeBatches(pope, args.batch_size)
     scores = score_dataset(model, processor, batches, args.criterion, progress=not args.no_progress)
     data = {
-        "source": "folder",
+        "source": "folder" if pope is None else "pope",
         "path": str(Path(args.data).resolve()),
         "n_images": len(images),
-        "question": question,
+        "question": question if pope is None else "POPE questions (benchmark prompt template)",
         "batch_size": args.batch_size,
         "dtype": str(dtype).removeprefix("torch."),
         "device": device.type,
@@ -130,6 +137,18 @@ def run_heads(args: argparse.Namespace) -> int:
         for rank, (layer, head) in enumerate(head_set(profile, args.top_k), start=1):
             print(f"  {rank:>3}. layer {layer:>3}  head {head:>3}  {float(table[layer, head]):.6g}")
     return 0
+
+
+def _pope_samples(data: str, image_dir: str | None, limit: int | None) -> list[Any] | None:
+    """POPE samples when ``data`` is POPE question files or parquet files (not an image folder), else None."""
+    path = Path(data)
+    if path.is_dir() and any(p.suffix.lower() in IMAGE_SUFFIXES for p in path.iterdir()):
+        return None
+    if not path.exists():
+        return None
+    from halludec.benchmarks.pope_data import load_pope
+
+    return load_pope(data, image_dir=image_dir, limit=limit).samples[:limit]
 
 
 def list_images(folder: str, limit: int | None = None) -> list[Path]:
@@ -165,3 +184,20 @@ class _ImageBatches:
                 with Image.open(path) as image:
                     pairs.append((image.convert("RGB"), self.question))
             yield pairs
+
+
+class _PopeBatches:
+    """Batches of ``(image, POPE prompt)`` pairs from POPE samples (images opened lazily)."""
+
+    def __init__(self, samples: list[Any], batch_size: int) -> None:
+        self.samples, self.batch_size = samples, batch_size
+
+    def __len__(self) -> int:
+        return -(-len(self.samples) // self.batch_size)
+
+    def __iter__(self) -> Iterator[list[tuple[Any, str]]]:
+        from halludec.benchmarks.pope_data import POPE_DEFAULT_PROMPT
+
+        for start in range(0, len(self.samples), self.batch_size):
+            chunk = self.samples[start : start + self.batch_size]
+            yield [(s.load_image(), POPE_DEFAULT_PROMPT.format(question=s.question)) for s in chunk]
