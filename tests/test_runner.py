@@ -124,3 +124,43 @@ def test_parse_sets():
 def test_bad_run_config():
     with pytest.raises(ValueError, match="benchmark='amber' cannot be run"):
         RunConfig(benchmark="amber", data="x").validate()
+
+
+def test_interrupted_run_resumes_to_the_uninterrupted_result(saved_llava, coco_images, tmp_path, monkeypatch):
+    """A run stopped by an exception after its first batch, started again, equals a run that never stopped."""
+    import halludec
+    from halludec.cli import load_model
+
+    pope = write_pope(tmp_path / "pope", splits=("popular",))
+    model, processor = load_model(saved_llava)
+
+    def config(out):
+        return RunConfig(
+            benchmark="pope",
+            data=str(pope),
+            image_dir=str(coco_images),
+            split="popular",
+            batch_size=1,
+            max_new_tokens=3,
+            output=str(tmp_path / out),
+        )
+
+    whole = run_benchmark(model, processor, "vcd", config("whole"), progress=False)
+    real_generate, calls = halludec.generate, []
+
+    def dies_on_third_call(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt("killed")
+        return real_generate(*args, **kwargs)
+
+    monkeypatch.setattr(halludec, "generate", dies_on_third_call)
+    with pytest.raises(KeyboardInterrupt):
+        run_benchmark(model, processor, "vcd", config("cut"), progress=False)
+    assert len(read_jsonl(tmp_path / "cut" / "pope_popular_vcd.samples.jsonl")) == 2
+    monkeypatch.setattr(halludec, "generate", real_generate)
+    resumed = run_benchmark(model, processor, "vcd", config("cut"), progress=False)
+    assert read_jsonl(tmp_path / "cut" / "pope_popular_vcd.samples.jsonl") == read_jsonl(
+        tmp_path / "whole" / "pope_popular_vcd.samples.jsonl"
+    )
+    assert {k: m.value for k, m in resumed.metrics.items()} == {k: m.value for k, m in whole.metrics.items()}
