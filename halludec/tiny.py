@@ -15,7 +15,6 @@ Example:
 from __future__ import annotations
 
 import functools
-import warnings
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -357,21 +356,6 @@ def tiny_batch(
     sizes = list(image_sizes) if image_sizes is not None else [default] * len(questions)
     if len(sizes) != len(questions):
         raise ValueError(f"Got {len(sizes)} image sizes for {len(questions)} questions.")
-    images = _noise_images(sizes, seed, image_seed_offset)
-    conversations = [
-        [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": question}]}]
-        for image, question in zip(images, questions, strict=True)
-    ]
-    with warnings.catch_warnings():
-        # PaliGemma's processor builds its (unused) labels with np.array(tensor), which numpy 2 flags.
-        warnings.filterwarnings("ignore", message="__array__ implementation", category=DeprecationWarning)
-        batch = processor.apply_chat_template(
-            conversations,
-            add_generation_prompt=True,
-            tokenize=True,
-            return_dict=True,
-            return_tensors="pt",
-            processor_kwargs={"padding": True, "padding_side": "left"},
-        )
-    batch.pop("labels", None)  # PaliGemma's processor adds training labels; generate does not want them
-    return batch
+    from halludec.vlm_adapters.inputs import chat_inputs
+
+    return chat_inputs(processor, _noise_images(sizes, seed, image_seed_offset), questions)

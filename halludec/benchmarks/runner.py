@@ -84,6 +84,7 @@ def run_benchmark(model: Any, processor: Any, strategy: Any, config: RunConfig, 
     """
     import halludec
     from halludec.decoding import resolve_strategies
+    from halludec.vlm_adapters.inputs import chat_inputs
 
     config.validate()
     strategies = resolve_strategies(strategy if isinstance(strategy, (list, tuple)) else [strategy])
@@ -101,7 +102,7 @@ def run_benchmark(model: Any, processor: Any, strategy: Any, config: RunConfig, 
     with SampleWriter(samples_path) as writer:
         for batch in _progress(_chunks(todo, config.batch_size), len(todo), config.batch_size, progress, stem):
             questions = [_question(s, config, prompt) for s in batch]
-            inputs = _inputs(processor, [_image(s) for s in batch], questions, model)
+            inputs = chat_inputs(processor, [_image(s) for s in batch], questions, model.device)
             _seed(config.seed)
             out = halludec.generate(model, inputs, strategies, processor=processor, questions=questions, **generation)
             new = out[:, inputs["input_ids"].shape[1] :]
@@ -179,24 +180,6 @@ def _row(sample: Any, text: str, config: RunConfig) -> dict[str, Any]:
     if config.benchmark == "pope":
         return {**sample.to_row(), "answer": text}
     return {"image_id": sample.image_id, "caption": text}
-
-
-def _inputs(processor: Any, images: list[Any], questions: list[str], model: Any) -> Any:
-    """Chat-template inputs (one user turn: image + text per row), left-padded, on the model's device."""
-    conversations = [
-        [{"role": "user", "content": [{"type": "image", "image": img}, {"type": "text", "text": q}]}]
-        for img, q in zip(images, questions, strict=True)
-    ]
-    batch = processor.apply_chat_template(
-        conversations,
-        add_generation_prompt=True,
-        tokenize=True,
-        return_dict=True,
-        return_tensors="pt",
-        processor_kwargs={"padding": True, "padding_side": "left"},
-    )
-    batch.pop("labels", None)
-    return batch.to(model.device)
 
 
 def _seed(seed: int) -> None:

@@ -7,7 +7,7 @@ of a dataset (:func:`score_dataset`).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -15,6 +15,7 @@ from torch import nn
 
 from halludec.heads.criteria import CRITERIA
 from halludec.vlm_adapters import VLMAdapter, get_adapter
+from halludec.vlm_adapters.inputs import chat_inputs
 
 DEFAULT_QUESTION = "Describe the image."
 
@@ -74,38 +75,6 @@ def score_rows(
     with torch.no_grad():
         rows = fn(model, inputs, adapter, **options)  # [B, L, H]
     return rows.detach().float().cpu()
-
-
-def chat_inputs(
-    processor: Any, images: Sequence[Any], questions: Sequence[str], device: torch.device | str | None = None
-) -> Any:
-    """A left-padded batch: one image and one question per row, rendered with the processor's chat template.
-
-    Args:
-        processor: The model's processor (with a chat template).
-        images: PIL images, one per row.
-        questions: Question text, one per row.
-        device: Move the tensors there (None: keep on CPU).
-
-    Returns:
-        The processor's ``BatchFeature`` (``input_ids``, ``attention_mask``, image tensors).
-    """
-    if len(images) != len(questions) or not images:
-        raise ValueError(f"Got {len(images)} images and {len(questions)} questions; pass one question per image.")
-    conversations = [
-        [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": question}]}]
-        for image, question in zip(images, questions, strict=True)
-    ]
-    batch = processor.apply_chat_template(
-        conversations,
-        add_generation_prompt=True,
-        tokenize=True,
-        return_dict=True,
-        return_tensors="pt",
-        processor_kwargs={"padding": True, "padding_side": "left"},
-    )
-    batch.pop("labels", None)
-    return batch.to(device) if device is not None else batch
 
 
 def score_dataset(
