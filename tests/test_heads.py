@@ -269,6 +269,7 @@ def _heads_parser():
 
 
 def test_cli_writes_profile_and_heatmap(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("matplotlib", reason="the heatmap needs the bench extra (matplotlib)")
     from PIL import Image
 
     model, processor = build_tiny("llava")
