@@ -161,6 +161,45 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_speed(args: argparse.Namespace) -> int:
+    import torch
+
+    from halludec import speed
+
+    source = args.model or args.shape or ("llava-1.5-7b" if torch.cuda.is_available() else "cpu-medium")
+    names = [n.strip() for n in args.strategies.split(",") if n.strip()]
+    import halludec
+
+    for name in names:
+        halludec.get_strategy(name)  # fail fast on a bad name
+    model, processor = speed.load(source)
+    timings = speed.measure(model, processor, names, args.new_tokens, args.repeats, args.batch_size)
+    if not args.no_memory:
+        for key in ["baseline", *names]:
+            mem = speed.peak_memory_mb(source, None if key == "baseline" else key, args.new_tokens, args.batch_size)
+            timings[key].peak_mem_mb = mem
+    doc = speed.report(timings)
+    doc["setup"] = {
+        "source": source,
+        "new_tokens": args.new_tokens,
+        "repeats": args.repeats,
+        "batch_size": args.batch_size,
+        "device": str(model.device),
+        "dtype": str(model.dtype).replace("torch.", ""),
+        "threads": torch.get_num_threads(),
+    }
+    print(
+        f"{source} on {model.device}, {args.new_tokens} new tokens, batch {args.batch_size}, "
+        f"median of {args.repeats} interleaved runs"
+    )
+    print(speed.format_table(doc))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(doc, fh, indent=2)
+        print(f"wrote {args.json}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``halludec`` command."""
     parser = argparse.ArgumentParser(
@@ -204,6 +243,17 @@ def build_parser() -> argparse.ArgumentParser:
     p_run.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda:0, ...")
     p_run.add_argument("--quiet", action="store_true", help="no progress bar")
     p_run.set_defaults(func=_cmd_run)
+
+    p_speed = sub.add_parser("speed", help="time every strategy against plain generate on the same inputs")
+    p_speed.add_argument("--model", default=None, help="checkpoint (HF id or folder) instead of a random shape")
+    p_speed.add_argument("--shape", default=None, choices=["cpu-medium", "llava-1.5-7b", "tiny"])
+    p_speed.add_argument("--strategies", default="none,pai,paint,vhr,gift,var,vcd,inter")
+    p_speed.add_argument("--new-tokens", type=int, default=64)
+    p_speed.add_argument("--repeats", type=int, default=5)
+    p_speed.add_argument("--batch-size", type=int, default=1)
+    p_speed.add_argument("--json", default=None, help="write the report as JSON")
+    p_speed.add_argument("--no-memory", action="store_true", help="skip the per-configuration peak-memory probes")
+    p_speed.set_defaults(func=_cmd_speed)
 
     from halludec.benchmarks.cli import add_compare_subcommand, add_score_subcommand
     from halludec.heads.cli import add_heads_subcommand

@@ -1,0 +1,261 @@
+"""``halludec speed``: the cost of every strategy against plain ``model.generate`` on the same inputs.
+
+Random-weight LLaVA models with real shapes are built from configs (no checkpoint needed): ``cpu-medium`` (CLIP
+336 px / patch 14 -> 576 image tokens, 2 x 64 vision; Llama 8 layers x 256 hidden x 8 heads, MLP 512, vocab
+32064; a ~600-token prompt), ``llava-1.5-7b`` (the real shape, bf16, for a GPU) and ``tiny`` (tests). A checkpoint
+can be given instead (``--model``). Each configuration is timed in interleaved repetitions (median): the prefill
+(``max_new_tokens=1``) and 64 forced tokens; time per token = (total - prefill) / (new tokens - 1). Peak memory is
+``torch.cuda.max_memory_allocated`` on a GPU, and the process's peak RSS on CPU measured in a fresh subprocess per
+configuration.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+SHAPES = ("cpu-medium", "llava-1.5-7b", "tiny")
+DEFAULT_STRATEGIES = ("none", "pai", "paint", "vhr", "gift", "var", "vcd", "inter")
+QUESTION = "Is there a red umbrella next to the bench?"
+
+# VAR needs sink dimensions; random weights have no massive activations, so the speed run forces a sink set
+# (low threshold on a few dimensions) to time the redistribution path itself.
+SPEED_OVERRIDES: dict[str, dict[str, Any]] = {"var": {"sink_dims": (0, 1, 2, 3), "sink_tau": 1.5}}
+
+
+@dataclass
+class Timing:
+    """One configuration's medians."""
+
+    total_s: float
+    prefill_s: float
+    per_token_s: float
+    peak_mem_mb: float | None = None
+
+
+def build_shape(shape: str, seed: int = 0) -> tuple[Any, Any]:
+    """A random-weight LLaVA of the given shape and a matching offline processor.
+
+    Args:
+        shape: One of ``SHAPES``.
+        seed: Weight seed.
+
+    Returns:
+        ``(model, processor)``.
+    """
+    import torch
+    import transformers as tf
+
+    from halludec import _tiny_processors as tp
+    from halludec.tiny import build_tiny
+
+    if shape == "tiny":
+        return build_tiny("llava", seed=seed)
+    if shape not in SHAPES:
+        raise ValueError(f"--shape {shape!r} is unknown; choose one of {', '.join(SHAPES)}.")
+    tok = tp.byte_level_tokenizer("<s>", "</s>", {"image_token": "<image>"})
+    size = 336
+    processor = tf.LlavaProcessor(
+        image_processor=tf.CLIPImageProcessorPil(
+            size={"shortest_edge": size}, crop_size={"height": size, "width": size}
+        ),
+        tokenizer=tok,
+        patch_size=14,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=tp.LLAVA_TEMPLATE,
+    )
+    ids = {"pad_token_id": tok.pad_token_id, "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id}
+    if shape == "cpu-medium":
+        text = tf.LlamaConfig(
+            hidden_size=256,
+            num_hidden_layers=8,
+            num_attention_heads=8,
+            num_key_value_heads=8,
+            intermediate_size=512,
+            vocab_size=32064,
+            **ids,
+        )
+        vision = tf.CLIPVisionConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=size,
+            patch_size=14,
+            projection_dim=64,
+        )
+        dtype = torch.float32
+    else:
+        text = tf.LlamaConfig(
+            hidden_size=4096,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=32,
+            intermediate_size=11008,
+            vocab_size=32064,
+            **ids,
+        )
+        vision = tf.CLIPVisionConfig(
+            hidden_size=1024,
+            intermediate_size=4096,
+            num_hidden_layers=24,
+            num_attention_heads=16,
+            image_size=size,
+            patch_size=14,
+            projection_dim=768,
+        )
+        dtype = torch.bfloat16
+    config = tf.LlavaConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_index=tok.image_token_id,
+        image_seq_length=576,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = tf.LlavaForConditionalGeneration(config).to(dtype).eval()
+    model.set_attn_implementation("sdpa")
+    for name, value in ids.items():
+        setattr(model.generation_config, name, value)
+    if torch.cuda.is_available():
+        model = model.to("cuda")
+    return model, processor
+
+
+def make_inputs(model: Any, processor: Any, batch_size: int = 1) -> Any:
+    """``batch_size`` rows of one random image and :data:`QUESTION` (left-padded chat-template inputs)."""
+    import numpy as np
+    from PIL import Image
+
+    from halludec.vlm_adapters.inputs import chat_inputs
+
+    side = processor.image_processor.crop_size["height"]
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)) for _ in range(batch_size)]
+    return chat_inputs(processor, images, [QUESTION] * batch_size, model.device)
+
+
+def _strategy(name: str, model: Any) -> Any:
+    import halludec
+
+    base = name.partition(":")[0]
+    return halludec.get_strategy(name, model=model, **SPEED_OVERRIDES.get(base, {}))
+
+
+def _run(model: Any, processor: Any, inputs: Any, name: str | None, new_tokens: int) -> float:
+    import torch
+
+    import halludec
+
+    kw = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False}
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    with torch.inference_mode():
+        if name is None:
+            model.generate(**inputs, **kw)
+        else:
+            halludec.generate(
+                model,
+                inputs,
+                _strategy(name, model),
+                processor=processor,
+                questions=[QUESTION] * len(inputs["input_ids"]),
+                **kw,
+            )
+    sync()
+    return time.perf_counter() - start
+
+
+def measure(
+    model: Any, processor: Any, strategies: list[str], new_tokens: int = 64, repeats: int = 5, batch_size: int = 1
+) -> dict[str, Timing]:
+    """Interleaved timings (median of ``repeats``) of plain generate (key ``"baseline"``) and each strategy."""
+    import warnings
+
+    inputs = make_inputs(model, processor, batch_size)
+    names: list[str | None] = [None, *strategies]
+    totals: dict[str | None, list[float]] = {n: [] for n in names}
+    prefills: dict[str | None, list[float]] = {n: [] for n in names}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name in names:  # warm-up
+            _run(model, processor, inputs, name, 2)
+        for _ in range(repeats):
+            for name in names:
+                prefills[name].append(_run(model, processor, inputs, name, 1))
+                totals[name].append(_run(model, processor, inputs, name, new_tokens))
+    out = {}
+    for name in names:
+        total, prefill = statistics.median(totals[name]), statistics.median(prefills[name])
+        out[name or "baseline"] = Timing(total, prefill, (total - prefill) / max(1, new_tokens - 1))
+    return out
+
+
+def load(source: str) -> tuple[Any, Any]:
+    """A shape name (``SHAPES``) -> random-weight model; anything else -> ``from_pretrained`` checkpoint."""
+    if source in SHAPES:
+        return build_shape(source)
+    from halludec.cli import load_model
+
+    return load_model(source)
+
+
+def peak_memory_mb(source: str, name: str | None, new_tokens: int, batch_size: int) -> float:
+    """Peak memory (MB) of one generate call in a fresh process (CPU: peak RSS; CUDA: max allocated)."""
+    code = (
+        "import json, resource, sys, torch\n"
+        "from halludec.speed import load, make_inputs, _run\n"
+        f"model, processor = load({source!r})\n"
+        f"inputs = make_inputs(model, processor, {batch_size})\n"
+        "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        f"_run(model, processor, inputs, {name!r}, {new_tokens})\n"
+        "if torch.cuda.is_available():\n"
+        "    print(json.dumps(torch.cuda.max_memory_allocated() / 2**20))\n"
+        "else:\n"
+        "    print(json.dumps(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=1800)
+    if proc.returncode != 0:
+        raise RuntimeError(f"memory probe for {name or 'baseline'} failed: {proc.stderr[-2000:]}")
+    return float(json.loads(proc.stdout.strip().splitlines()[-1]))
+
+
+def report(timings: dict[str, Timing]) -> dict[str, Any]:
+    """The JSON document of the issue: baseline figures and, per strategy, ratios to it."""
+    base = timings["baseline"]
+    strategies = {}
+    for name, t in timings.items():
+        if name == "baseline":
+            continue
+        strategies[name] = {
+            "ratio": t.total_s / base.total_s,
+            "prefill_s": t.prefill_s,
+            "per_token_s": t.per_token_s,
+            "total_s": t.total_s,
+            "peak_mem_mb": t.peak_mem_mb,
+            "peak_mem_ratio": (t.peak_mem_mb / base.peak_mem_mb) if t.peak_mem_mb and base.peak_mem_mb else None,
+        }
+    return {"baseline": asdict(base), "strategies": strategies}
+
+
+def format_table(doc: dict[str, Any]) -> str:
+    """A markdown table of the report."""
+    base = doc["baseline"]
+    lines = [
+        "| strategy | time ratio | prefill s | per token ms | peak mem ratio |",
+        "|---|---|---|---|---|",
+        f"| plain generate | 1.00 | {base['prefill_s']:.3f} | {1000 * base['per_token_s']:.1f} | 1.00 |",
+    ]
+    for name, s in doc["strategies"].items():
+        mem = f"{s['peak_mem_ratio']:.2f}" if s["peak_mem_ratio"] else "-"
+        lines.append(f"| {name} | {s['ratio']:.2f} | {s['prefill_s']:.3f} | {1000 * s['per_token_s']:.1f} | {mem} |")
+    return "\n".join(lines)
