@@ -38,6 +38,67 @@ class Timing:
     peak_mem_mb: float | None = None
 
 
+# (LlamaConfig sizes, CLIPVisionConfig sizes) of each LLaVA shape; CLIP 336 px / patch 14 -> 576 image tokens.
+SHAPE_SIZES: dict[str, tuple[dict[str, int], dict[str, int]]] = {
+    "cpu-medium": (
+        {
+            "hidden_size": 256,
+            "num_hidden_layers": 8,
+            "num_attention_heads": 8,
+            "num_key_value_heads": 8,
+            "intermediate_size": 512,
+        },
+        {
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "projection_dim": 64,
+        },
+    ),
+    "llava-1.5-7b": (
+        {
+            "hidden_size": 4096,
+            "num_hidden_layers": 32,
+            "num_attention_heads": 32,
+            "num_key_value_heads": 32,
+            "intermediate_size": 11008,
+        },
+        {
+            "hidden_size": 1024,
+            "intermediate_size": 4096,
+            "num_hidden_layers": 24,
+            "num_attention_heads": 16,
+            "projection_dim": 768,
+        },
+    ),
+}
+
+
+def shape_config(shape: str, image_token_id: int = 32000, **token_ids: int) -> Any:
+    """The ``LlavaConfig`` of a named shape (``cpu-medium`` or ``llava-1.5-7b``; vocab 32064).
+
+    Args:
+        shape: A key of :data:`SHAPE_SIZES`.
+        image_token_id: Id of the ``<image>`` token.
+        **token_ids: ``pad_token_id`` / ``bos_token_id`` / ``eos_token_id`` for the text config.
+
+    Returns:
+        The config (build the model on the meta device to inspect a shape without memory).
+    """
+    import transformers as tf
+
+    text, vision = SHAPE_SIZES[shape]
+    return tf.LlavaConfig(
+        text_config=tf.LlamaConfig(**text, vocab_size=32064, **token_ids),
+        vision_config=tf.CLIPVisionConfig(**vision, image_size=336, patch_size=14),
+        image_token_index=image_token_id,
+        image_seq_length=576,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
+
+
 def build_shape(shape: str, seed: int = 0) -> tuple[Any, Any]:
     """A random-weight LLaVA of the given shape and a matching offline processor.
 
@@ -71,54 +132,8 @@ def build_shape(shape: str, seed: int = 0) -> tuple[Any, Any]:
         chat_template=tp.LLAVA_TEMPLATE,
     )
     ids = {"pad_token_id": tok.pad_token_id, "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id}
-    if shape == "cpu-medium":
-        text = tf.LlamaConfig(
-            hidden_size=256,
-            num_hidden_layers=8,
-            num_attention_heads=8,
-            num_key_value_heads=8,
-            intermediate_size=512,
-            vocab_size=32064,
-            **ids,
-        )
-        vision = tf.CLIPVisionConfig(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            image_size=size,
-            patch_size=14,
-            projection_dim=64,
-        )
-        dtype = torch.float32
-    else:
-        text = tf.LlamaConfig(
-            hidden_size=4096,
-            num_hidden_layers=32,
-            num_attention_heads=32,
-            num_key_value_heads=32,
-            intermediate_size=11008,
-            vocab_size=32064,
-            **ids,
-        )
-        vision = tf.CLIPVisionConfig(
-            hidden_size=1024,
-            intermediate_size=4096,
-            num_hidden_layers=24,
-            num_attention_heads=16,
-            image_size=size,
-            patch_size=14,
-            projection_dim=768,
-        )
-        dtype = torch.bfloat16
-    config = tf.LlavaConfig(
-        text_config=text,
-        vision_config=vision,
-        image_token_index=tok.image_token_id,
-        image_seq_length=576,
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-    )
+    config = shape_config(shape, image_token_id=tok.image_token_id, **ids)
+    dtype = torch.float32 if shape == "cpu-medium" else torch.bfloat16
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = tf.LlavaForConditionalGeneration(config).to(dtype).eval()

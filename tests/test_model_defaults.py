@@ -5,9 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 from transformers import (
-    CLIPVisionConfig,
-    LlamaConfig,
-    LlavaConfig,
     LlavaForConditionalGeneration,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
@@ -25,26 +22,9 @@ def _meta(model_cls, config):
 @pytest.fixture(scope="module")
 def llava_7b():
     """LLaVA-1.5-7B's real shape on the meta device (no memory, no download)."""
-    text = LlamaConfig(
-        hidden_size=4096,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=32,
-        intermediate_size=11008,
-        vocab_size=32064,
-    )
-    vision = CLIPVisionConfig(
-        hidden_size=1024,
-        intermediate_size=4096,
-        num_hidden_layers=24,
-        num_attention_heads=16,
-        image_size=336,
-        patch_size=14,
-        projection_dim=768,
-    )
-    return _meta(
-        LlavaForConditionalGeneration, LlavaConfig(text_config=text, vision_config=vision, image_token_index=32000)
-    )
+    from halludec.speed import shape_config
+
+    return _meta(LlavaForConditionalGeneration, shape_config("llava-1.5-7b"))
 
 
 @pytest.fixture(scope="module")
