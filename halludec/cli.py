@@ -5,14 +5,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from collections.abc import Sequence
 
 EPILOG = """examples:
   halludec ls                       list strategies (with presets) and supported model types
   halludec ls --json                the same, machine-readable
-  halludec demo                     end-to-end run on a tiny model built from config (CPU, seconds)
-  halludec demo --family qwen2_vl --strategy vhr --new-tokens 16
+  halludec demo                     every strategy on the lab model's lab-pope and lab-chair (CPU, minutes)
+  halludec demo --strategies none,vcd --pope-limit 100 --chair-limit 50
+  halludec lab-path                 the lab model's folder (from_pretrained)
+  halludec run --model lab --strategy none --strategy vcd --benchmark lab-pope --batch-size 32
   halludec run --model llava-hf/llava-1.5-7b-hf --strategy none --strategy vhr --benchmark pope \\
       --data pope/coco --image-dir coco/val2014 --split adversarial --batch-size 8 --output results/
   halludec heads --model llava-hf/llava-1.5-7b-hf --criterion vhd --data images/ --limit 32 \\
@@ -50,35 +51,33 @@ def _cmd_ls(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    import torch
+    from halludec.lab.demo import run_demo
 
-    import halludec
-    from halludec.tiny import build_tiny, tiny_batch
-
-    strategy = halludec.get_strategy(args.strategy)  # fail fast on a bad name, before building anything
-    model, processor = build_tiny(args.family, seed=args.seed)
-    questions = ["Is there a dog in the image?", "What colour is the large object on the left?"]
-    batch = tiny_batch(processor, args.family, questions, seed=args.seed)
-    gen = {"max_new_tokens": args.new_tokens, "do_sample": False}
+    strategies = [n.strip() for n in args.strategies.split(",") if n.strip()] if args.strategies else None
     print(
-        f"model: tiny random-weight {type(model).__name__} built from config ({args.family}); batch of 2, left-padded"
+        f"halludec demo: the lab model on lab-pope (n={args.pope_limit} per split) and lab-chair (n={args.chair_limit})"
     )
-    with torch.inference_mode():
-        t0 = time.perf_counter()
-        plain = model.generate(**batch, **gen)
-        t1 = time.perf_counter()
-        steered = halludec.generate(model, batch, strategy=strategy, processor=processor, **gen)
-        t2 = time.perf_counter()
-    tok = processor.tokenizer
-    prompt_len = batch["input_ids"].shape[1]
-    for row, question in enumerate(questions):
-        print(f"\nQ{row}: {question}")
-        print(f"  plain generate        : {tok.decode(plain[row, prompt_len:], skip_special_tokens=True)!r}")
-        print(f"  halludec {args.strategy:<13}: {tok.decode(steered[row, prompt_len:], skip_special_tokens=True)!r}")
-    same = plain.shape == steered.shape and bool((plain == steered).all())
-    print(f"\ntokens identical to plain generate: {same}")
-    print(f"time: plain {t1 - t0:.3f}s, halludec {t2 - t1:.3f}s (first call includes warm-up)")
-    print("(random weights: the text is noise; the trained lab model replaces this demo when it lands)")
+    result = run_demo(
+        args.output,
+        strategies=strategies,
+        pope_limit=args.pope_limit,
+        chair_limit=args.chair_limit,
+        batch_size=args.batch_size,
+        plot=not args.no_plot,
+        progress=False,
+    )
+    print()
+    print(result["table"])
+    print(f"\nresults: {args.output}/ (one JSON per strategy and benchmark, comparison.md", end="")
+    print(f", {result['plot']})" if result["plot"] else ")")
+    print(f"wall time: {result['wall_time_s']:.0f} s")
+    return 0
+
+
+def _cmd_lab_path(args: argparse.Namespace) -> int:
+    from halludec.lab import lab_path
+
+    print(lab_path())
     return 0
 
 
@@ -112,10 +111,13 @@ def parse_sets(sets: Sequence[str], strategies: Sequence[str]) -> dict[str, dict
 
 
 def load_model(name: str, dtype: str = "auto", device: str = "auto"):
-    """Load a model and processor with ``from_pretrained`` (bf16 on CUDA, fp32 on CPU by default)."""
+    """Load a model and processor with ``from_pretrained`` (bf16 on CUDA, fp32 on CPU); ``lab``: the lab model."""
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    from halludec.lab import model_source
+
+    name = model_source(name)
     cuda = torch.cuda.is_available() and device != "cpu"
     torch_dtype = {
         "auto": torch.bfloat16 if cuda else torch.float32,
@@ -202,6 +204,8 @@ def _cmd_speed(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``halludec`` command."""
+    from halludec.benchmarks.runner import RUNNABLE
+
     parser = argparse.ArgumentParser(
         prog="halludec",
         description="Training-free hallucination mitigation for vision-language models.",
@@ -215,21 +219,28 @@ def build_parser() -> argparse.ArgumentParser:
     p_ls.add_argument("--json", action="store_true", help="print JSON")
     p_ls.set_defaults(func=_cmd_ls)
 
-    p_demo = sub.add_parser("demo", help="run halludec end to end on a tiny model built from config")
-    p_demo.add_argument("--family", default="llava", help="model type of the tiny model (default: llava)")
-    p_demo.add_argument("--strategy", default="none", help="strategy name or name:preset (default: none)")
-    p_demo.add_argument("--new-tokens", type=int, default=12, help="tokens to generate (default: 12)")
-    p_demo.add_argument("--seed", type=int, default=0)
+    from halludec.lab.demo import DEMO_BATCH_SIZE, DEMO_CHAIR_LIMIT, DEMO_POPE_LIMIT
+
+    p_demo = sub.add_parser("demo", help="every strategy on the lab model's lab-pope and lab-chair (CPU, minutes)")
+    p_demo.add_argument("--output", default="halludec-demo", help="folder for results, comparison.md and .png")
+    p_demo.add_argument("--strategies", default=None, help="comma-separated (default: none + every registered one)")
+    p_demo.add_argument("--pope-limit", type=int, default=DEMO_POPE_LIMIT, help="lab-pope questions per split")
+    p_demo.add_argument("--chair-limit", type=int, default=DEMO_CHAIR_LIMIT, help="lab-chair captions")
+    p_demo.add_argument("--batch-size", type=int, default=DEMO_BATCH_SIZE)
+    p_demo.add_argument("--no-plot", action="store_true", help="skip comparison.png")
     p_demo.set_defaults(func=_cmd_demo)
 
+    p_lab = sub.add_parser("lab-path", help="print the folder of the lab model (loadable with from_pretrained)")
+    p_lab.set_defaults(func=_cmd_lab_path)
+
     p_run = sub.add_parser("run", help="run a model x strategies on a benchmark (resumable)")
-    p_run.add_argument("--model", required=True, help="HF id or local folder (from_pretrained)")
+    p_run.add_argument("--model", required=True, help="HF id, local folder (from_pretrained) or lab")
     p_run.add_argument(
         "--strategy", action="append", default=None, help="repeatable; one results file each (default: none)"
     )
     p_run.add_argument("--set", action="append", default=[], help="field=value or strategy.field=value")
-    p_run.add_argument("--benchmark", required=True, choices=["pope", "chair"])
-    p_run.add_argument("--data", required=True, help="POPE files / parquet folder / HF id; CHAIR: COCO annotations")
+    p_run.add_argument("--benchmark", required=True, choices=list(RUNNABLE))
+    p_run.add_argument("--data", default=None, help="POPE files / parquet folder / HF id; CHAIR: COCO annotations")
     p_run.add_argument("--image-dir", default=None, help="COCO val2014 folder (POPE question files, CHAIR)")
     p_run.add_argument("--split", default=None, help="POPE split (default: all three)")
     p_run.add_argument("--limit", type=int, default=None)
@@ -245,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_run.set_defaults(func=_cmd_run)
 
     p_speed = sub.add_parser("speed", help="time every strategy against plain generate on the same inputs")
-    p_speed.add_argument("--model", default=None, help="checkpoint (HF id or folder) instead of a random shape")
+    p_speed.add_argument("--model", default=None, help="checkpoint (HF id, folder or lab) instead of a random shape")
     p_speed.add_argument("--shape", default=None, choices=["cpu-medium", "llava-1.5-7b", "tiny"])
     p_speed.add_argument("--strategies", default="none,pai,paint,vhr,gift,var,vcd,inter")
     p_speed.add_argument("--new-tokens", type=int, default=64)

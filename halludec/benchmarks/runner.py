@@ -18,11 +18,13 @@ from halludec.benchmarks.chair import load_chair_samples
 from halludec.benchmarks.chair_gt import load_ground_truth
 from halludec.benchmarks.chair_metrics import CHAIR_DEFAULT_MAX_NEW_TOKENS, CHAIR_DEFAULT_PROMPT
 from halludec.benchmarks.pope_data import POPE_DEFAULT_MAX_NEW_TOKENS, POPE_DEFAULT_PROMPT, load_pope
+from halludec.benchmarks.pope_metrics import POPE_SPLITS
 from halludec.benchmarks.results import ModelInfo, ResultRecord, StrategyInfo, save_results
 from halludec.benchmarks.samples import SampleWriter, load_done_ids
 from halludec.benchmarks.scoring import score_file
 
-RUNNABLE = ("pope", "chair")
+RUNNABLE = ("pope", "chair", "lab-pope", "lab-chair")
+LAB_POPE_PROMPT = "{question}"  # the lab model knows only its own small vocabulary
 
 
 @dataclass
@@ -30,8 +32,9 @@ class RunConfig:
     """What to run (every field is recorded in the results file).
 
     Attributes:
-        benchmark: ``pope`` or ``chair``.
-        data: POPE question files / parquet folder or HF id (POPE); the COCO annotations folder (CHAIR).
+        benchmark: ``pope``, ``chair``, or the lab model's ``lab-pope`` / ``lab-chair`` (generated scenes).
+        data: POPE question files / parquet folder or HF id (POPE); the COCO annotations folder (CHAIR); unused
+            by the lab benchmarks.
         image_dir: The COCO val2014 image folder (POPE question files, CHAIR).
         split: POPE split (``random``, ``popular``, ``adversarial``); None = all three.
         limit: Keep the first ``limit`` samples (per split for POPE).
@@ -46,7 +49,7 @@ class RunConfig:
     """
 
     benchmark: str
-    data: str
+    data: str | None = None
     image_dir: str | None = None
     split: str | None = None
     limit: int | None = None
@@ -63,6 +66,11 @@ class RunConfig:
         """Raise ``ValueError`` naming a bad field."""
         if self.benchmark not in RUNNABLE:
             raise ValueError(f"benchmark={self.benchmark!r} cannot be run; runnable: {', '.join(RUNNABLE)}.")
+        if self.data is None and not self.benchmark.startswith("lab-"):
+            raise ValueError(
+                f"benchmark={self.benchmark!r} needs data= (POPE question files or parquet folder; CHAIR: the COCO "
+                "annotations folder)."
+            )
         if self.batch_size < 1:
             raise ValueError(f"batch_size={self.batch_size} is invalid; use an integer >= 1.")
         if self.limit is not None and self.limit < 1:
@@ -92,7 +100,7 @@ def run_benchmark(model: Any, processor: Any, strategy: Any, config: RunConfig, 
     out_dir = Path(config.output).expanduser()
     stem = _stem(config, strategies)
     samples_path = out_dir / f"{stem}.samples.jsonl"
-    key = "id" if config.benchmark == "pope" else "image_id"
+    key = "id" if _yesno(config) else "image_id"
     done = {str(i) for i in load_done_ids(samples_path, key=key)} if samples_path.exists() else set()
     todo = [s for s in items if str(_sample_id(s)) not in done]
     generation = {"max_new_tokens": max_new, "do_sample": False, **config.generation}
@@ -110,15 +118,14 @@ def run_benchmark(model: Any, processor: Any, strategy: Any, config: RunConfig, 
             for sample, text in zip(batch, tok.batch_decode(new, skip_special_tokens=True), strict=True):
                 writer.write(_row(sample, text.strip(), config))
     wall = time.perf_counter() - start
-    options: dict[str, Any] = (
-        {"parser": config.parser}
-        if config.benchmark == "pope"
-        else {
-            "annotations": config.data,
-            "image_list": config.image_list,
-        }
-    )
-    record = score_file(config.benchmark, samples_path, **options).record
+    if _yesno(config):
+        options: dict[str, Any] = {"parser": config.parser}
+    elif config.benchmark == "chair":
+        options = {"annotations": config.data, "image_list": config.image_list}
+    else:
+        options = {}
+    record = score_file("pope" if _yesno(config) else config.benchmark, samples_path, **options).record
+    record.benchmark.name = config.benchmark
     record.model = _model_info(model)
     record.strategy = [_strategy_info(s) for s in strategies] if len(strategies) > 1 else _strategy_info(strategies[0])
     record.generation = {k: v for k, v in generation.items() if _jsonable(v)}
@@ -126,9 +133,13 @@ def run_benchmark(model: Any, processor: Any, strategy: Any, config: RunConfig, 
     record.halludec_version = halludec.__version__
     record.benchmark.prompt_template = prompt
     record.benchmark.limit = config.limit
-    record.benchmark.split = config.split if config.benchmark == "pope" else None
+    record.benchmark.split = config.split if _yesno(config) else None
     if config.benchmark == "pope":
         record.benchmark.data = load_pope(config.data, splits=_splits(config), limit=config.limit).data_info()
+    elif config.benchmark.startswith("lab-"):
+        from halludec.lab.bench import lab_data_info
+
+        record.benchmark.data = lab_data_info(config.benchmark)
     record.wall_time_s = wall if todo else None
     record.tokens_per_s = new_tokens / wall if todo and wall > 0 else None
     record.samples_file = str(samples_path)
@@ -136,7 +147,24 @@ def run_benchmark(model: Any, processor: Any, strategy: Any, config: RunConfig, 
     return record
 
 
+def _yesno(config: RunConfig) -> bool:
+    return config.benchmark in ("pope", "lab-pope")
+
+
 def _samples(config: RunConfig) -> tuple[list[Any], str, int]:
+    if config.benchmark.startswith("lab-"):
+        from halludec.lab.bench import LAB_SCENES, build_lab_pope, held_out_scenes, lab_chair_samples
+        from halludec.lab.model import CAPTION_PROMPT
+
+        if config.benchmark == "lab-chair":
+            return (
+                lab_chair_samples(config.limit),
+                config.prompt_template or CAPTION_PROMPT,
+                config.max_new_tokens or 32,
+            )
+        per_split = build_lab_pope(held_out_scenes(LAB_SCENES), splits=tuple(_splits(config) or POPE_SPLITS))
+        rows = [s for split in per_split.values() for s in split[: config.limit]]
+        return rows, config.prompt_template or LAB_POPE_PROMPT, config.max_new_tokens or 8
     if config.benchmark == "pope":
         data = load_pope(config.data, splits=_splits(config), image_dir=config.image_dir, limit=config.limit)
         prompt = config.prompt_template or POPE_DEFAULT_PROMPT
@@ -160,7 +188,7 @@ def _splits(config: RunConfig) -> list[str] | None:
 
 def _stem(config: RunConfig, strategies: Sequence[Any]) -> str:
     names = "+".join(s.name + (f"-{s.preset}" if s.preset else "") for s in strategies)
-    split = f"_{config.split}" if config.benchmark == "pope" and config.split else ""
+    split = f"_{config.split}" if _yesno(config) and config.split else ""
     return f"{config.benchmark}{split}_{names}"
 
 
@@ -169,7 +197,7 @@ def _sample_id(sample: Any) -> Any:
 
 
 def _question(sample: Any, config: RunConfig, prompt: str) -> str:
-    return prompt.format(question=sample.question) if config.benchmark == "pope" else prompt
+    return prompt.format(question=sample.question) if _yesno(config) else prompt
 
 
 def _image(sample: Any) -> Any:
@@ -177,7 +205,7 @@ def _image(sample: Any) -> Any:
 
 
 def _row(sample: Any, text: str, config: RunConfig) -> dict[str, Any]:
-    if config.benchmark == "pope":
+    if _yesno(config):
         return {**sample.to_row(), "answer": text}
     return {"image_id": sample.image_id, "caption": text}
 

@@ -199,6 +199,39 @@ def score_chair_file(
     return Scored(record, [r.to_row() for r in result.results])
 
 
+@SCORERS.register("lab-chair")
+def score_lab_chair_file(
+    path: str | Path, *, n_bootstrap: int = 1000, seed: int = 0, caption_field: str | None = None, **_: Any
+) -> Scored:
+    """Score lab-model captions with CHAIR over the lab vocabulary; ``image_id`` is the scene seed (ground truth is
+    regenerated from it, so no annotation file is needed)."""
+    from halludec.benchmarks.chair_metrics import chair_metrics
+    from halludec.lab.bench import lab_caption_result, lab_data_info
+
+    results = []
+    for number, row in read_predictions(path):
+        where = f"{path}, line {number}"
+        if not isinstance(row.get("image_id"), int):
+            raise BenchmarkDataError(
+                f"{where}: 'image_id' must be the integer scene seed of a lab scene (got {row.get('image_id')!r})."
+            )
+        results.append(lab_caption_result(row["image_id"], answer_of(row, where, caption_field or "caption")))
+    metrics, notes = chair_metrics(results, n_bootstrap=n_bootstrap, seed=seed)
+    settings = {"predictions": _file_info(path), "vocabulary": "the lab's object kinds (exact words)"}
+    record = _record(
+        "lab-chair",
+        [],
+        None,
+        None,
+        lab_data_info("lab-chair"),
+        metrics=metrics,
+        n_samples=len(results),
+        notes=notes,
+        settings=settings,
+    )
+    return Scored(record, [r.to_row() for r in results])
+
+
 @SCORERS.register("amber")
 def score_amber_file(
     path: str | Path,

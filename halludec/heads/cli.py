@@ -46,7 +46,7 @@ def add_heads_subcommand(subparsers: Any) -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--model", required=True, help="Hugging Face model id or local folder")
+    p.add_argument("--model", required=True, help="Hugging Face model id, local folder, or lab (the lab model)")
     p.add_argument("--criterion", default="vhd", help=f"one of {', '.join(BUILTIN_CRITERIA)} (default: vhd)")
     p.add_argument(
         "--data",
@@ -104,11 +104,14 @@ def run_heads(args: argparse.Namespace) -> int:
     question = args.question or DEFAULT_QUESTION
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    from halludec.lab import model_source
+
+    source = model_source(args.model)
     model = AutoModelForImageTextToText.from_pretrained(
-        args.model, dtype=dtype, device_map=str(device), trust_remote_code=args.trust_remote_code
+        source, dtype=dtype, device_map=str(device), trust_remote_code=args.trust_remote_code
     )
     model.eval()
-    processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
+    processor = AutoProcessor.from_pretrained(source, trust_remote_code=args.trust_remote_code)
     tokenizer = getattr(processor, "tokenizer", None)
     if tokenizer is not None:
         tokenizer.padding_side = "left"

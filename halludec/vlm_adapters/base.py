@@ -252,7 +252,7 @@ class VLMAdapter:
             special = _special_ids(tok)
             for tid in special:
                 before = before.replace(tok.convert_ids_to_tokens(tid), "")
-            parts = (before, after)
+            parts = (_round_trip(tok, before), _round_trip(tok, after))
         spans: list[Span] = []
         image_spans = self.image_spans(input_ids)
         pad_id = getattr(tok, "pad_token_id", None)
@@ -267,6 +267,10 @@ class VLMAdapter:
             if questions is not None:
                 q = questions[row].strip()
                 c0 = text.find(q)
+                found = _find_ids(tail, tok(q, add_special_tokens=False)["input_ids"]) if q and c0 < 0 else None
+                if found is not None:  # a normalising tokenizer (lower-casing, word-level): match the question's ids
+                    spans.append((start + found[0], start + found[1]))
+                    continue
                 if not q or c0 < 0:
                     raise ValueError(
                         f"Question {questions[row]!r} of row {row} was not found in the prompt text after the "
@@ -468,3 +472,20 @@ def _strip_template(text: str, before: str, after: str, row: int) -> tuple[int, 
     while c1 > c0 and text[c1 - 1].isspace():
         c1 -= 1
     return c0, c1
+
+
+def _round_trip(tok: Any, text: str) -> str:
+    """``text`` as the tokenizer decodes it back (a normalising tokenizer lower-cases or re-spaces it)."""
+    if not text.strip():
+        return text
+    decoded = tok.decode(tok(text, add_special_tokens=False)["input_ids"], skip_special_tokens=False)
+    return decoded if decoded.strip() != text.strip() else text
+
+
+def _find_ids(ids: Sequence[int], needle: Sequence[int]) -> tuple[int, int] | None:
+    """The first half-open span where ``needle`` occurs in ``ids`` as a contiguous run, else None."""
+    n = len(needle)
+    for i in range(len(ids) - n + 1) if n else ():
+        if list(ids[i : i + n]) == list(needle):
+            return i, i + n
+    return None
