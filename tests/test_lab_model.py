@@ -128,3 +128,17 @@ def test_lab_path_command_and_model_lab(tmp_path, capsys):
     record = json.loads((tmp_path / "lab-pope_adversarial_none.json").read_text())
     assert record["n_samples"] == 4
     assert record["benchmark"]["split"] == "adversarial"
+
+
+@pytest.mark.slow
+def test_shipped_model_hallucinates_as_the_readme_says(lab, tmp_path):
+    """The lab issue's thresholds, on the full held-out benchmarks under plain greedy decoding."""
+    from halludec.benchmarks.runner import RunConfig, run_benchmark
+
+    model, processor = lab
+    pope = run_benchmark(model, processor, "none", RunConfig("lab-pope", batch_size=64, output=str(tmp_path)), False)
+    chair = run_benchmark(model, processor, "none", RunConfig("lab-chair", batch_size=64, output=str(tmp_path)), False)
+    acc = {split: m["accuracy"].value for split, m in pope.per_split.items()}
+    assert acc["random"] >= 0.85
+    assert acc["random"] - acc["adversarial"] >= 0.08
+    assert chair.metrics["chair_i"].value >= 0.10

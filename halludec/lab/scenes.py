@@ -1,10 +1,11 @@
 """Synthetic scenes for the lab model: small pictures of a few objects with strong co-occurrence.
 
-24 object kinds in 6 themes; each theme holds 2 partner pairs (fork-knife, cup-saucer, ...). A scene picks a theme
-(skewed frequencies), an anchor from one of its pairs, and adds the anchor's partner with probability ``P_PARTNER``
-— so a model trained on these scenes learns that a fork comes with a knife, and names the knife when it is absent:
-the language prior behind object hallucination in large VLMs. Partners share a hue and differ in shape, so they are
-also the visually confusable ones. Some objects are drawn faint, small or half hidden under a grey block (still
+24 object kinds in 4 themes; each theme holds 3 partner pairs (fork-knife, cup-saucer, pot-pan). A scene picks a
+theme (skewed frequencies), an anchor from one of its pairs, and adds the anchor's partner with probability
+``P_PARTNER``, then maybe a second pair of the theme the same way — so a model trained on these scenes learns that a
+fork comes with a knife, and names the knife when it is absent: the language prior behind object hallucination in
+large VLMs. A theme's kinds share a hue and differ in shape, so the kinds that co-occur are also the visually
+confusable ones. Some objects are drawn faint, small or half hidden under a grey block (still
 labelled present, as annotation-based captions are); with weak evidence the prior decides.
 
 Everything is a pure function of an integer seed (``numpy.random.Generator(PCG64)``): the same seed gives the same
@@ -19,57 +20,46 @@ import numpy as np
 
 IMAGE_SIZE = 64
 
-#: theme -> two partner pairs (the first word of a pair is the anchor-eligible one; either can anchor)
-THEMES: dict[str, tuple[tuple[str, str], tuple[str, str]]] = {
-    "kitchen": (("fork", "knife"), ("cup", "saucer")),
-    "office": (("pen", "notebook"), ("keyboard", "mouse")),
-    "bath": (("toothbrush", "toothpaste"), ("soap", "towel")),
-    "garden": (("rake", "shovel"), ("flower", "bee")),
-    "sports": (("racket", "ball"), ("bat", "glove")),
-    "beach": (("bucket", "spade"), ("sunglasses", "hat")),
+#: theme -> three partner pairs
+THEMES: dict[str, tuple[tuple[str, str], ...]] = {
+    "kitchen": (("fork", "knife"), ("cup", "saucer"), ("pot", "pan")),
+    "office": (("pen", "notebook"), ("keyboard", "mouse"), ("stapler", "scissors")),
+    "bath": (("toothbrush", "toothpaste"), ("soap", "towel"), ("comb", "mirror")),
+    "garden": (("rake", "shovel"), ("flower", "bee"), ("bucket", "spade")),
 }
 #: Theme frequencies (skewed, so POPE's popular split has meaning).
-THEME_WEIGHTS: dict[str, float] = {
-    "kitchen": 0.28,
-    "office": 0.20,
-    "bath": 0.16,
-    "garden": 0.14,
-    "sports": 0.12,
-    "beach": 0.10,
-}
+THEME_WEIGHTS: dict[str, float] = {"kitchen": 0.34, "office": 0.27, "bath": 0.22, "garden": 0.17}
 OBJECTS: tuple[str, ...] = tuple(obj for pairs in THEMES.values() for pair in pairs for obj in pair)
 PARTNER: dict[str, str] = {a: b for pairs in THEMES.values() for x, y in pairs for a, b in ((x, y), (y, x))}
 THEME_OF: dict[str, str] = {obj: theme for theme, pairs in THEMES.items() for pair in pairs for obj in pair}
 
 SHAPES = ("circle", "square", "triangle", "diamond", "cross", "ring", "hbar", "hourglass")
+#: One hue per theme: a theme's kinds differ only in shape, so they are the confusable ones (as objects that
+#: co-occur in real photos often look alike), and a kind's partner is the likeliest confusion of all.
 HUES: tuple[tuple[int, int, int], ...] = (
     (220, 40, 40),  # red
     (40, 170, 60),  # green
     (50, 80, 220),  # blue
     (230, 200, 30),  # yellow
-    (170, 60, 200),  # purple
-    (30, 190, 200),  # cyan
 )
 
 
 def _appearance() -> dict[str, tuple[str, int]]:
-    """object -> (shape, hue index): partners share a hue and differ in shape; every (shape, hue) is unique."""
+    """object -> (shape, hue index): one hue per theme, six distinct shapes inside a theme."""
     table: dict[str, tuple[str, int]] = {}
-    pairs = [pair for pairs in THEMES.values() for pair in pairs]  # 12 pairs
-    for i, (a, b) in enumerate(pairs):
-        hue = i % len(HUES)
-        first = (2 * (i // len(HUES)) + 3 * i) % len(SHAPES)
-        table[a] = (SHAPES[first], hue)
-        table[b] = (SHAPES[(first + 1 + i // len(HUES)) % len(SHAPES)], hue)
+    for t, pairs in enumerate(THEMES.values()):
+        kinds = [obj for pair in pairs for obj in pair]
+        for k, obj in enumerate(kinds):
+            table[obj] = (SHAPES[(k + 2 * t) % len(SHAPES)], t)
     return table
 
 
 APPEARANCE: dict[str, tuple[str, int]] = _appearance()
 
 P_PARTNER = 0.9  # the anchor's partner joins the scene
-P_SECOND_PAIR = 0.5  # the theme's other pair joins (its partner again with P_PARTNER)
+P_SECOND_PAIR = 0.5  # a second pair of the theme joins (its partner again with P_PARTNER)
 P_OFF_THEME = 0.25  # one object from another theme
-VISIBILITY = (("normal", 0.55), ("faint", 0.15), ("small", 0.12), ("occluded", 0.18))
+VISIBILITY = (("normal", 0.6), ("faint", 0.15), ("small", 0.1), ("occluded", 0.15))
 
 
 @dataclass
@@ -130,9 +120,9 @@ def sample_scene(seed: int, easy: bool = False) -> Scene:
     themes = list(THEME_WEIGHTS)
     theme = themes[rng.choice(len(themes), p=np.array([THEME_WEIGHTS[t] for t in themes]))]
     pairs = list(THEMES[theme])
-    first = int(rng.integers(2))
+    order = rng.permutation(len(pairs))  # the anchor's pair first, maybe a second pair; never all three
     names: list[str] = []
-    for k, pair in enumerate((pairs[first], pairs[1 - first])):
+    for k, pair in enumerate(pairs[int(i)] for i in order[:2]):
         if k == 1 and rng.random() >= P_SECOND_PAIR:
             break
         anchor = pair[int(rng.integers(2))]
