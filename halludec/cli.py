@@ -168,17 +168,19 @@ def _cmd_speed(args: argparse.Namespace) -> int:
 
     from halludec import speed
 
-    source = args.model or args.shape or ("llava-1.5-7b" if torch.cuda.is_available() else "cpu-medium")
+    device = speed.resolve_device(args.device)
+    source = args.model or args.shape or ("llava-1.5-7b" if device.startswith("cuda") else "cpu-medium")
     names = [n.strip() for n in args.strategies.split(",") if n.strip()]
     import halludec
 
     for name in names:
         halludec.get_strategy(name)  # fail fast on a bad name
-    model, processor = speed.load(source)
-    timings = speed.measure(model, processor, names, args.new_tokens, args.repeats, args.batch_size)
+    model, processor = speed.load(source, device, args.dtype)
+    timings = speed.measure(model, processor, names, args.new_tokens, args.repeats, args.batch_size, args.cache)
     if not args.no_memory:
         for key in ["baseline", *names]:
-            mem = speed.peak_memory_mb(source, None if key == "baseline" else key, args.new_tokens, args.batch_size)
+            name = None if key == "baseline" else key
+            mem = speed.peak_memory_mb(source, name, args.new_tokens, args.batch_size, args.cache, device, args.dtype)
             timings[key].peak_mem_mb = mem
     doc = speed.report(timings)
     doc["setup"] = {
@@ -186,13 +188,15 @@ def _cmd_speed(args: argparse.Namespace) -> int:
         "new_tokens": args.new_tokens,
         "repeats": args.repeats,
         "batch_size": args.batch_size,
+        "cache": args.cache,
         "device": str(model.device),
+        "device_name": torch.cuda.get_device_name(model.device) if model.device.type == "cuda" else "cpu",
         "dtype": str(model.dtype).replace("torch.", ""),
         "threads": torch.get_num_threads(),
     }
     print(
-        f"{source} on {model.device}, {args.new_tokens} new tokens, batch {args.batch_size}, "
-        f"median of {args.repeats} interleaved runs"
+        f"{source} on {doc['setup']['device_name']} ({model.dtype}), {args.cache} cache, {args.new_tokens} new "
+        f"tokens, batch {args.batch_size}, median of {args.repeats} interleaved runs"
     )
     print(speed.format_table(doc))
     if args.json:
@@ -264,6 +268,19 @@ def build_parser() -> argparse.ArgumentParser:
     p_speed.add_argument("--batch-size", type=int, default=1)
     p_speed.add_argument("--json", default=None, help="write the report as JSON")
     p_speed.add_argument("--no-memory", action="store_true", help="skip the per-configuration peak-memory probes")
+    p_speed.add_argument(
+        "--cache",
+        default="default",
+        choices=["default", "static"],
+        help="KV cache of every run, plain generate included (static: generate compiles the step on a GPU)",
+    )
+    p_speed.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
+    p_speed.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "bfloat16", "bf16", "float16", "fp16", "float32", "fp32"],
+        help="weights' dtype (auto: bfloat16 for the 7B shape or on a GPU, else float32)",
+    )
     p_speed.set_defaults(func=_cmd_speed)
 
     from halludec.benchmarks.cli import add_compare_subcommand, add_score_subcommand

@@ -7,6 +7,10 @@ can be given instead (``--model``). Each configuration is timed in interleaved r
 (``max_new_tokens=1``) and 64 forced tokens; time per token = (total - prefill) / (new tokens - 1). Peak memory is
 ``torch.cuda.max_memory_allocated`` on a GPU, and the process's peak RSS on CPU measured in a fresh subprocess per
 configuration.
+
+``cache="static"`` times every configuration, plain ``generate`` included, with ``cache_implementation="static"``
+(on a GPU ``generate`` then compiles the decoding step), so ratios compare like with like. Each strategy is built
+once and reused, and the warm-up runs the full token count, so the timed runs reuse the compiled step.
 """
 
 from __future__ import annotations
@@ -20,6 +24,15 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 SHAPES = ("cpu-medium", "llava-1.5-7b", "tiny")
+CACHES = ("default", "static")
+DTYPES: dict[str, str] = {
+    "float32": "float32",
+    "fp32": "float32",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float16": "float16",
+    "fp16": "float16",
+}
 DEFAULT_STRATEGIES = ("none", "pai", "paint", "vhr", "gift", "var", "vcd", "inter")
 QUESTION = "Is there a red umbrella next to the bench?"
 
@@ -99,12 +112,36 @@ def shape_config(shape: str, image_token_id: int = 32000, **token_ids: int) -> A
     )
 
 
-def build_shape(shape: str, seed: int = 0) -> tuple[Any, Any]:
+def resolve_device(device: str | None) -> str:
+    """``"auto"``/None -> ``"cuda"`` when available else ``"cpu"``; ``"cuda"`` without a GPU is a clear error."""
+    import torch
+
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device!r} was asked for, but torch sees no CUDA device; use --device cpu.")
+    return device
+
+
+def resolve_dtype(dtype: str | None, shape: str, device: str) -> Any:
+    """The torch dtype: ``"auto"``/None -> bfloat16 for the 7B shape or on a GPU, else float32."""
+    import torch
+
+    if dtype in (None, "auto"):
+        return torch.bfloat16 if shape == "llava-1.5-7b" or device.startswith("cuda") else torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype {dtype!r} is unknown; choose one of auto, {', '.join(DTYPES)}.")
+    return getattr(torch, DTYPES[dtype])
+
+
+def build_shape(shape: str, seed: int = 0, device: str | None = None, dtype: str | None = None) -> tuple[Any, Any]:
     """A random-weight LLaVA of the given shape and a matching offline processor.
 
     Args:
         shape: One of ``SHAPES``.
         seed: Weight seed.
+        device: ``"cpu"``, ``"cuda"`` (or ``"cuda:N"``), or ``"auto"``/None (CUDA when available).
+        dtype: A key of :data:`DTYPES`, or ``"auto"``/None (bfloat16 for the 7B shape or on a GPU, else float32).
 
     Returns:
         ``(model, processor)``.
@@ -115,10 +152,12 @@ def build_shape(shape: str, seed: int = 0) -> tuple[Any, Any]:
     from halludec import _tiny_processors as tp
     from halludec.tiny import build_tiny
 
-    if shape == "tiny":
-        return build_tiny("llava", seed=seed)
     if shape not in SHAPES:
         raise ValueError(f"--shape {shape!r} is unknown; choose one of {', '.join(SHAPES)}.")
+    device = resolve_device(device)
+    if shape == "tiny":
+        model, processor = build_tiny("llava", seed=seed)
+        return model.to(device=device, dtype=resolve_dtype(dtype, shape, device)), processor
     tok = tp.byte_level_tokenizer("<s>", "</s>", {"image_token": "<image>"})
     size = 336
     processor = tf.LlavaProcessor(
@@ -133,16 +172,13 @@ def build_shape(shape: str, seed: int = 0) -> tuple[Any, Any]:
     )
     ids = {"pad_token_id": tok.pad_token_id, "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id}
     config = shape_config(shape, image_token_id=tok.image_token_id, **ids)
-    dtype = torch.float32 if shape == "cpu-medium" else torch.bfloat16
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = tf.LlavaForConditionalGeneration(config).to(dtype).eval()
+        model = tf.LlavaForConditionalGeneration(config).to(resolve_dtype(dtype, shape, device)).eval()
     model.set_attn_implementation("sdpa")
     for name, value in ids.items():
         setattr(model.generation_config, name, value)
-    if torch.cuda.is_available():
-        model = model.to("cuda")
-    return model, processor
+    return model.to(device), processor
 
 
 def make_inputs(model: Any, processor: Any, batch_size: int = 1) -> Any:
@@ -165,23 +201,30 @@ def _strategy(name: str, model: Any) -> Any:
     return halludec.get_strategy(name, model=model, **SPEED_OVERRIDES.get(base, {}))
 
 
-def _run(model: Any, processor: Any, inputs: Any, name: str | None, new_tokens: int) -> float:
+def _run(model: Any, processor: Any, inputs: Any, strategy: Any, new_tokens: int, cache: str = "default") -> float:
+    """Seconds of one ``generate`` call (plain when ``strategy`` is None; a name or a built ``Strategy``)."""
     import torch
 
     import halludec
 
-    kw = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False}
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    if cache not in CACHES:
+        raise ValueError(f"--cache {cache!r} is unknown; choose one of {', '.join(CACHES)}.")
+    kw: dict[str, Any] = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False}
+    if cache == "static":
+        kw["cache_implementation"] = "static"
+    if isinstance(strategy, str):
+        strategy = _strategy(strategy, model)
+    sync = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)
     sync()
     start = time.perf_counter()
     with torch.inference_mode():
-        if name is None:
+        if strategy is None:
             model.generate(**inputs, **kw)
         else:
             halludec.generate(
                 model,
                 inputs,
-                _strategy(name, model),
+                strategy,
                 processor=processor,
                 questions=[QUESTION] * len(inputs["input_ids"]),
                 **kw,
@@ -191,23 +234,53 @@ def _run(model: Any, processor: Any, inputs: Any, name: str | None, new_tokens: 
 
 
 def measure(
-    model: Any, processor: Any, strategies: list[str], new_tokens: int = 64, repeats: int = 5, batch_size: int = 1
+    model: Any,
+    processor: Any,
+    strategies: list[str],
+    new_tokens: int = 64,
+    repeats: int = 5,
+    batch_size: int = 1,
+    cache: str = "default",
 ) -> dict[str, Timing]:
-    """Interleaved timings (median of ``repeats``) of plain generate (key ``"baseline"``) and each strategy."""
+    """Interleaved timings (median of ``repeats``) of plain generate (key ``"baseline"``) and each strategy.
+
+    Args:
+        model: The model.
+        processor: Its processor.
+        strategies: Strategy names (``name`` or ``name:preset``).
+        new_tokens: Forced new tokens per timed call.
+        repeats: Interleaved repetitions (the median is kept).
+        batch_size: Rows per call.
+        cache: ``"default"`` (dynamic cache) or ``"static"`` (``cache_implementation="static"`` for every
+            configuration, the baseline included).
+
+    Returns:
+        ``{"baseline": Timing, name: Timing, ...}``.
+    """
     import warnings
+
+    import torch
 
     inputs = make_inputs(model, processor, batch_size)
     names: list[str | None] = [None, *strategies]
+    built = {n: None if n is None else _strategy(n, model) for n in names}  # reused: no recompiles between calls
     totals: dict[str | None, list[float]] = {n: [] for n in names}
     prefills: dict[str | None, list[float]] = {n: [] for n in names}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for name in names:  # warm-up
-            _run(model, processor, inputs, name, 2)
-        for _ in range(repeats):
-            for name in names:
-                prefills[name].append(_run(model, processor, inputs, name, 1))
-                totals[name].append(_run(model, processor, inputs, name, new_tokens))
+    config = torch._dynamo.config
+    key = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # torch < 2.7
+    limit = getattr(config, key)
+    setattr(config, key, max(limit, 4 * len(names)))  # one compiled decoding step per configuration (static cache)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for name in names:  # warm-up at the timed length: the static cache (and compiled step) keep its size
+                _run(model, processor, inputs, built[name], new_tokens if cache == "static" else 2, cache)
+            for _ in range(repeats):
+                for name in names:
+                    prefills[name].append(_run(model, processor, inputs, built[name], 1, cache))
+                    totals[name].append(_run(model, processor, inputs, built[name], new_tokens, cache))
+    finally:
+        setattr(config, key, limit)
     out = {}
     for name in names:
         total, prefill = statistics.median(totals[name]), statistics.median(prefills[name])
@@ -215,25 +288,44 @@ def measure(
     return out
 
 
-def load(source: str) -> tuple[Any, Any]:
-    """A shape name (``SHAPES``) -> random-weight model; anything else -> ``from_pretrained`` checkpoint."""
+def load(source: str, device: str | None = None, dtype: str | None = None) -> tuple[Any, Any]:
+    """A shape name (``SHAPES``) -> random-weight model; anything else -> ``from_pretrained`` checkpoint.
+
+    Args:
+        source: A shape name or a checkpoint (HF id or folder).
+        device: ``"cpu"``, ``"cuda"``, or ``"auto"``/None.
+        dtype: A key of :data:`DTYPES`, or ``"auto"``/None.
+
+    Returns:
+        ``(model, processor)``.
+    """
     if source in SHAPES:
-        return build_shape(source)
+        return build_shape(source, device=device, dtype=dtype)
     from halludec.cli import load_model
 
-    return load_model(source)
+    short = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+    name = "auto" if dtype in (None, "auto") else short.get(DTYPES.get(dtype, dtype), dtype)
+    return load_model(source, name, device or "auto")
 
 
-def peak_memory_mb(source: str, name: str | None, new_tokens: int, batch_size: int) -> float:
+def peak_memory_mb(
+    source: str,
+    name: str | None,
+    new_tokens: int,
+    batch_size: int,
+    cache: str = "default",
+    device: str | None = None,
+    dtype: str | None = None,
+) -> float:
     """Peak memory (MB) of one generate call in a fresh process (CPU: peak RSS; CUDA: max allocated)."""
     code = (
         "import json, resource, sys, torch\n"
         "from halludec.speed import load, make_inputs, _run\n"
-        f"model, processor = load({source!r})\n"
+        f"model, processor = load({source!r}, {device!r}, {dtype!r})\n"
         f"inputs = make_inputs(model, processor, {batch_size})\n"
         "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
-        f"_run(model, processor, inputs, {name!r}, {new_tokens})\n"
-        "if torch.cuda.is_available():\n"
+        f"_run(model, processor, inputs, {name!r}, {new_tokens}, {cache!r})\n"
+        "if model.device.type == 'cuda':\n"
         "    print(json.dumps(torch.cuda.max_memory_allocated() / 2**20))\n"
         "else:\n"
         "    print(json.dumps(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))\n"

@@ -26,18 +26,18 @@ def test_ls_json(capsys):
     assert data["model_types"]["qwen2_5_vl"] == "QwenVLAdapter"
 
 
-def test_unknown_strategy_is_a_clean_error(capsys):
-    assert main(["demo", "--strategy", "vhrr"]) == 2
+def test_unknown_strategy_is_a_clean_error(capsys, tmp_path):
+    assert main(["demo", "--strategies", "none,vhrr", "--output", str(tmp_path)]) == 2
     assert "Unknown strategy 'vhrr'" in capsys.readouterr().err
 
 
 @pytest.mark.slow
-def test_demo_runs_as_module():
-    proc = subprocess.run(
-        [sys.executable, "-m", "halludec", "demo", "--new-tokens", "4"], capture_output=True, text=True, timeout=300
-    )
+def test_demo_runs_as_module(tmp_path):
+    args = ["demo", "--strategies", "none,pai", "--pope-limit", "4", "--chair-limit", "2", "--output", str(tmp_path)]
+    proc = subprocess.run([sys.executable, "-m", "halludec", *args], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    assert "tokens identical to plain generate: True" in proc.stdout
+    assert "| pai |" in proc.stdout
+    assert (tmp_path / "demo.json").is_file()
 
 
 @pytest.mark.slow

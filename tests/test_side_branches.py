@@ -109,12 +109,57 @@ def test_active_contrast_changes_output_and_restores():
     assert_same_snapshot(before, snapshot(model))
 
 
-def test_side_branches_reject_static_cache():
-    model, processor = tiny("llava")
-    batch = tiny_batch(processor, "llava", QUESTIONS, seed=0)
-    with pytest.raises(NotImplementedError, match="static cache"):
-        halludec.generate(model, batch, Contrast(), max_new_tokens=2, cache_implementation="static")
-    assert model.config.get_text_config()._attn_implementation == "sdpa"
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "gemma3"])
+def test_side_branches_on_static_cache(family):
+    """Static cache: main tokens and every step's side logits equal the default cache's; the step is a tensor."""
+    model, processor = tiny(family)
+    batch = tiny_batch(processor, family, QUESTIONS, seed=0)
+    before = snapshot(model)
+    default, static = Contrast(alpha=0.0), Contrast(alpha=0.0)
+    ours_default = halludec.generate(model, batch, default, **GREEDY)
+    ours_static = halludec.generate(model, batch, static, **GREEDY, cache_implementation="static")
+    assert torch.equal(model.generate(**batch, **GREEDY, cache_implementation="static"), ours_static)
+    assert torch.equal(ours_default, ours_static)
+    assert all(isinstance(step, torch.Tensor) and step.dim() == 0 for step in static.config.steps[1:])
+    assert [int(step) for step in static.config.steps] == list(range(GREEDY["max_new_tokens"]))
+    for a, b in zip(default.config.record, static.config.record, strict=True):
+        for x, y in zip(a, b, strict=True):
+            torch.testing.assert_close(x, y, atol=1e-4, rtol=1e-4)
+    assert_same_snapshot(before, snapshot(model))
+
+
+class Padded(Contrast):
+    """One side branch: the main prompt behind ``pad`` more pad tokens, i.e. longer than the main prompt."""
+
+    pad = 3
+
+    def side_inputs(self, call):
+        inputs = dict(call.inputs)
+        ids = inputs["input_ids"]
+        inputs["input_ids"] = torch.nn.functional.pad(ids, (self.pad, 0), value=call.adapter.pad_token_id)
+        for key in ("attention_mask", "mm_token_type_ids", "token_type_ids"):
+            if key in inputs:
+                inputs[key] = torch.nn.functional.pad(inputs[key], (self.pad, 0))
+        return [inputs]
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "gemma3"])
+@pytest.mark.parametrize("cache", [None, "static"])
+def test_side_prompt_longer_than_main(family, cache):
+    """Longer side prompts pad the main rows in the cache: side logits equal the main ones (same real tokens) and
+    image keys stay aligned for attention strategies composed with the branch (PAI's bias on image keys)."""
+    model, processor = tiny(family)
+    batch = tiny_batch(processor, family, QUESTIONS, seed=0)
+    kw = {**GREEDY, "cache_implementation": cache} if cache else GREEDY
+    padded = Padded(alpha=0.0)
+    out = halludec.generate(model, batch, padded, **kw, output_logits=True, return_dict_in_generate=True)
+    for step, (side,) in enumerate(padded.config.record):
+        torch.testing.assert_close(side, out.logits[step], atol=1e-4, rtol=1e-4)
+    pai = halludec.get_strategy("pai", alpha=2.0)
+    alone = halludec.generate(model, batch, pai, processor=processor, **GREEDY, **SCORES)
+    composed = halludec.generate(model, batch, [pai, Padded(alpha=0.0)], processor=processor, **kw, **SCORES)
+    assert torch.equal(alone.sequences, composed.sequences)
+    assert max_score_diff(alone, composed) < 1e-5  # misaligned image keys give ~1e-3 (LLaVA) to ~0.1 (Gemma3)
 
 
 def test_side_input_with_wrong_rows_is_a_clear_error():

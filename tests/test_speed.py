@@ -86,3 +86,21 @@ def test_last_row_fast_path_equals_the_all_rows_reference(name):
     assert torch.equal(fast.sequences, ref.sequences)
     for a, b in zip(fast.scores, ref.scores, strict=True):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=0)
+
+
+def test_static_cache_measure_on_tiny():
+    """``--cache static``: every configuration, the baseline included, on the static cache (ratios like for like)."""
+    model, processor = speed.build_shape("tiny")
+    timings = speed.measure(model, processor, ["none", "vcd"], new_tokens=3, repeats=1, cache="static")
+    doc = speed.report(timings)
+    assert set(doc["strategies"]) == {"none", "vcd"}
+    assert all(entry["ratio"] > 0 for entry in doc["strategies"].values())
+
+
+def test_cuda_without_a_gpu_is_a_clear_error(capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    assert main(["speed", "--shape", "tiny", "--strategies", "none", "--device", "cuda", "--no-memory"]) == 2
+    assert "no CUDA device" in capsys.readouterr().err

@@ -20,11 +20,16 @@ MATRIX: dict[str, tuple[dict, dict | None]] = {
     "var": ({"sink_keep_frac": 1.0}, {"sink_dims": (0, 1, 2, 3), "sink_tau": 1.5, "sink_keep_frac": 0.0}),
     "inter": ({"interaction_weight": 0.0, "plausibility_beta": 0.0}, {"var_k": 0.0, "plausibility_beta": 0.0}),
     "vcd": ({"alpha": 0.0, "plausibility_beta": 0.0}, {"plausibility_beta": 0.0}),
+    "m3id": ({"lam": 0.0}, {"lam": 0.5, "alpha": 1.0}),
+    "icd": ({"lam": 0.0, "plausibility_beta": 0.0}, {"plausibility_beta": 0.0}),
     "gift": ({"alpha": 0.0}, {"alpha": 5.0}),
     "pai": ({"alpha": 0.0}, {"alpha": 2.0, "cfg_gamma": 1.5}),
     # layers 2-3: on some random tiny models layer 1's VHD is ~1e-7 (numerical noise), so its head set is a tie
     "vhr": ({"alpha": 1.0}, {"alpha": 2.0, "layers": (2, 3)}),
     "paint": ({"alpha_local": 0.0, "beta_summary": 0.0}, {"alpha_local": 3.0, "beta_summary": 3.0}),
+    "vista": ({"vsv_lambda": 0.0, "sla_gamma": 0.0}, {"vsv_lambda": 0.17, "sla_gamma": 0.3}),
+    "act": ({"keep_frac": 1.0}, {"keep_frac": 0.0, "threshold": 0.02, "first_layer": 1}),
+    "zerotuning": ({"gamma": 1.0}, {"gamma": 0.2}),
 }
 
 KW = {"max_new_tokens": 6, "min_new_tokens": 6, "do_sample": False}

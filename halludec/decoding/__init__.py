@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 from halludec.decoding import (  # noqa: F401
+    act,
     gift,
+    icd,
     inter,
+    m3id,
     none,
     pai,
     paint,
     var,
     vcd,
     vhr,
+    vista,
+    zerotuning,
 )
 from halludec.decoding.apply import apply, generate
 from halludec.decoding.base import (

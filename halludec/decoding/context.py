@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.cache_utils import StaticSlidingWindowLayer
 
 if TYPE_CHECKING:
     from halludec.decoding.base import Strategy
@@ -87,6 +86,8 @@ class CallContext:
         """Set by ``apply``: undo callbacks registered here run when the call ends (see ``register_hook``)."""
         self.cache: Any | None = None
         """The generation cache, tracked only when a sliding-window layer is steered (see ``LayerContext.keys``)."""
+        self.key_shift = 0
+        """Extra left padding of the main rows in the cache after the prefill (side prompts longer than the main)."""
         self._image_spans: list[list[Span]] | None = None
         self._query_spans: list[Span] | None = None
 
@@ -184,7 +185,13 @@ class LayerContext:
         return per_row if n == self.batch else per_row.repeat_interleave(self.batch // n, dim=0)
 
     def keys(self, per_position: torch.Tensor) -> torch.Tensor:
-        """Fit a per-prompt-position tensor ``[B, L]`` to this call's keys ``[batch, K]`` (False/0 beyond L)."""
+        """Fit a per-prompt-position tensor ``[B, L]`` to this call's keys ``[batch, K]`` (False/0 beyond L).
+
+        Works on the default and the static cache, sliding-window layers included; shapes depend only on Python
+        state (prompt length, cache sizes), never on tensor values.
+        """
+        if self.call.key_shift and not self.call.suspended:  # main rows sit behind a longer side prompt
+            per_position = F.pad(per_position, (self.call.key_shift, 0))  # [B, shift + L]
         length = per_position.shape[1]
         if self.layer_idx in self.call.sliding_layers and self.call.cache is not None:
             return self.rows(self._window(per_position))
@@ -195,18 +202,20 @@ class LayerContext:
         return self.rows(per_position)
 
     def _window(self, per_position: torch.Tensor) -> torch.Tensor:
-        """Sliding-window layer: the ``K`` keys are the last ``K`` of the ``total`` positions seen so far."""
+        """Sliding-window layer: which ``K`` of the ``total`` positions seen so far the keys hold.
+
+        A dynamic layer holds the last ``K``. A static one holds positions ``0..K-1`` (``K`` = the window) until it
+        is full, then the last ``K``; at a prefill longer than the window it returns all ``total``. In every case the
+        first key is position ``max(total - K, 0)``.
+        """
         layer = self.call.cache.layers[self.layer_idx]
-        if isinstance(layer, StaticSlidingWindowLayer):
-            raise NotImplementedError(
-                f"Layer {self.layer_idx} is a sliding-window layer on a static cache, whose key order halludec does "
-                "not map yet; steer full-attention layers only, or use the default (dynamic) cache."
-            )
-        total = layer.get_seq_length()  # positions seen, current tokens included
+        total = layer.get_seq_length()  # positions seen, current tokens included (a Python int on these layers)
+        start = max(total - self.kv_len, 0)
+        end = start + self.kv_len
         length = per_position.shape[1]
-        if total > length:
-            per_position = F.pad(per_position, (0, total - length))  # [B, total]
-        return per_position[:, total - self.kv_len : total]  # [B, K]
+        if end > length:
+            per_position = F.pad(per_position, (0, end - length))  # [B, end]
+        return per_position[:, start:end]  # [B, K]
 
     def image_keys(self) -> torch.Tensor:
         """``[batch, K]`` bool: which keys are image tokens of the prompt."""
