@@ -127,7 +127,7 @@ def received_attention(probs: torch.Tensor, valid_rows: torch.Tensor, window: in
         ``[B, H, K]``: column sums over valid rows divided by ``n_j = q - j`` (capped by ``window``); 0 for ``j >= q``.
     """
     q_len, kv_len = probs.shape[-2:]
-    col = (probs * valid_rows[:, None, :, None].to(probs.dtype)).sum(dim=2)  # [B, H, K]
+    col = torch.matmul(valid_rows[:, None, None, :].to(probs.dtype), probs)[:, :, 0]  # [B, H, K] sum over rows
     seen = (q_len - torch.arange(kv_len, device=probs.device)).clamp_min(0)  # [K] rows i >= j
     if window is not None:
         seen = seen.clamp_max(window)
@@ -171,13 +171,15 @@ def calibrate(probs: torch.Tensor, sinks: torch.Tensor, keep: float, heads: torc
     Returns:
         New probabilities; row sums preserved. A row whose non-sink attention is 0 is left unchanged.
     """
-    s = sinks[:, :, None, :]  # [B, H, 1, K]
-    rest = torch.where(s, 0.0, probs)  # [B, H, q, K] attention on non-sink keys
-    rest_total = rest.sum(dim=-1, keepdim=True)  # [B, H, q, 1]
-    freed = (1.0 - keep) * (probs - rest).sum(dim=-1, keepdim=True)  # [B, H, q, 1]
-    edited = torch.where(s, probs * keep, probs) + freed * rest / rest_total.clamp_min(torch.finfo(probs.dtype).tiny)
-    ok = heads[None, :, None, None] & (rest_total > 0)  # [B, H, q, 1]
-    return torch.where(ok, edited, probs)
+    s = (sinks & heads[None, :, None]).to(probs.dtype)[..., None]  # [B, H, K, 1] unselected heads: no sinks
+    sink_mass = torch.matmul(probs, s)  # [B, H, q, 1]
+    rest_total = torch.matmul(probs, 1.0 - s)  # [B, H, q, 1] attention on non-sink keys
+    ok = rest_total > 0
+    # Non-sink keys get their share of the freed mass: a_ij * (1 + freed_i / rest_i); sinks keep ``keep``.
+    gain = 1.0 + (1.0 - keep) * sink_mass / rest_total.clamp_min(torch.finfo(probs.dtype).tiny)  # [B, H, q, 1]
+    gain = torch.where(ok, gain, 1.0)
+    kept = torch.where(ok, keep, 1.0)  # [B, H, q, 1]
+    return probs * torch.where(s.transpose(-1, -2) > 0, kept, gain)  # [B, H, q, K]; exactly 1x off the sinks' heads
 
 
 @dataclass

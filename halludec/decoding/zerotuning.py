@@ -107,9 +107,11 @@ def scale_initial(probs: torch.Tensor, initial: torch.Tensor, gamma: torch.Tenso
         New probabilities: ``a_0' = gamma a_0 / D``, ``a_i' = a_i / D``, ``D = 1 + (gamma - 1) a_0``.
     """
     g = gamma.to(probs.dtype)[None, :, None, None]  # [1, H, 1, 1]
-    init = initial[:, None, None, :]  # [B, 1, 1, K]
-    a0 = (probs * init.to(probs.dtype)).sum(dim=-1, keepdim=True)  # [B, H, q, 1]
-    return torch.where(init, probs * g, probs) / (1.0 + (g - 1.0) * a0)
+    init = initial.to(probs.dtype)[:, None, :, None]  # [B, 1, K, 1]
+    a0 = torch.matmul(probs, init)  # [B, H, q, 1] attention on the initial token
+    column = 1.0 + (g - 1.0) * init.transpose(-1, -2)  # [B, H, 1, K]: gamma on the initial key, else 1
+    out = probs * column  # [B, H, q, K]
+    return out.div_(1.0 + (g - 1.0) * a0)  # in place on our own new tensor; gamma 1: exactly unchanged
 
 
 def head_gammas(scores: torch.Tensor, gamma: float, rule: str = "dominant") -> torch.Tensor:
