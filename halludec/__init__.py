@@ -6,6 +6,8 @@ Quick use::
     out = halludec.generate(model, inputs, strategy="vhr", processor=processor, max_new_tokens=32)
     with halludec.apply(model, "pai", inputs) as call:
         out = model.generate(**inputs, max_new_tokens=32)
+    cmp = halludec.compare(model, processor, "pope", ["none", "vhr"], data="pope/", image_dir="coco/val2014")
+    print(cmp.table)
 
 The public API is imported lazily, so ``import halludec`` (and ``halludec score``, which scores other tools'
 outputs) does not load torch or transformers until a model-facing function is used.
@@ -18,7 +20,7 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-_API = ("apply", "generate", "get_adapter", "get_strategy", "list_adapters", "list_strategies")
+_API = ("Comparison", "apply", "compare", "generate", "get_adapter", "get_strategy", "list_adapters", "list_strategies")
 
 __all__ = ["__version__", *_API]
 
