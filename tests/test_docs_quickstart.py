@@ -30,6 +30,21 @@ def test_quickstart_lab_block_runs(tmp_path):
     assert (tmp_path / "quickstart-results" / "comparison.png").is_file()
 
 
+@pytest.mark.slow
+def test_readme_quickstart_runs(tmp_path):
+    text = (ROOT / "README.md").read_text()
+    block = re.findall(r"```python\n(.*?)```", text, flags=re.S)[0]
+    assert len(block.strip().splitlines()) <= 12, "the README's quickstart stays about 10 lines"
+    script = tmp_path / "readme.py"
+    script.write_text(block)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert re.search(r"^\| vcd \| ", proc.stdout, flags=re.M)
+
+
 def _links(path: Path) -> list[str]:
     return re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", path.read_text())
 
@@ -45,4 +60,3 @@ def test_docs_and_readme_links_resolve():
             if not (page.parent / link).resolve().exists():
                 broken.append(f"{page.relative_to(ROOT)} -> {link}")
     assert not broken, f"broken links: {broken}"
-
