@@ -33,7 +33,18 @@ DTYPES: dict[str, str] = {
     "float16": "float16",
     "fp16": "float16",
 }
-DEFAULT_STRATEGIES = ("none", "pai", "paint", "vhr", "gift", "var", "vcd", "inter")
+
+
+def default_strategies() -> list[str]:
+    """``none`` and every registered strategy that keeps ``generate``'s own search, in registry order.
+
+    A strategy that owns the search (OPERA's beam search) is timed only when named, against plain beam search.
+    """
+    from halludec.decoding import STRATEGIES
+
+    return ["none", *(name for name, cls in STRATEGIES.items() if name != "none" and not cls.owns_search)]
+
+
 QUESTION = "Is there a red umbrella next to the bench?"
 
 # VAR needs sink dimensions; random weights have no massive activations, so the speed run forces a sink set
