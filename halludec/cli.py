@@ -110,6 +110,24 @@ def parse_sets(sets: Sequence[str], strategies: Sequence[str]) -> dict[str, dict
     return out
 
 
+def parse_generation(items: Sequence[str]) -> dict[str, object]:
+    """``["do_sample=true", "num_beams=5"]`` -> ``{"do_sample": True, "num_beams": 5}`` (values read as JSON).
+
+    Raises:
+        ValueError: an item without ``=``.
+    """
+    out: dict[str, object] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--gen {item!r} is not KEY=VALUE; e.g. --gen do_sample=true --gen temperature=1.0")
+        try:
+            out[key.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key.strip()] = raw
+    return out
+
+
 def load_model(name: str, dtype: str = "auto", device: str = "auto"):
     """Load a model and processor with ``from_pretrained`` (bf16 on CUDA, fp32 on CPU); ``lab``: the lab model."""
     import torch
@@ -126,8 +144,15 @@ def load_model(name: str, dtype: str = "auto", device: str = "auto"):
         "fp16": torch.float16,
     }[dtype]
     kwargs = {"dtype": torch_dtype}
+    from halludec.benchmarks.distributed import current, placement
+
+    dist = current()
+    if not dist.is_main:  # under accelerate launch, progress is shown by the main process only
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     if cuda:
-        kwargs["device_map"] = "auto" if device == "auto" else device
+        kwargs.update(placement(device, dist))  # one GPU group per process under accelerate launch
     model = AutoModelForImageTextToText.from_pretrained(name, **kwargs).eval()
     processor = AutoProcessor.from_pretrained(name)
     getattr(processor, "tokenizer", processor).padding_side = "left"
@@ -136,6 +161,7 @@ def load_model(name: str, dtype: str = "auto", device: str = "auto"):
 
 def _cmd_run(args: argparse.Namespace) -> int:
     import halludec
+    from halludec.benchmarks.distributed import current
     from halludec.benchmarks.runner import RunConfig, run_benchmark
 
     names = args.strategy or ["none"]
@@ -155,8 +181,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
             max_new_tokens=args.max_new_tokens,
             image_list=args.image_list,
             seed=args.seed,
+            prompt_template=args.prompt,
+            generation=parse_generation(args.gen),
         )
         record = run_benchmark(model, processor, strategy, config, progress=not args.quiet)
+        if not current().is_main:
+            continue  # under accelerate launch, the main process reports
         shown = ", ".join(f"{k}={m.value:.4g}" for k, m in record.metrics.items() if isinstance(m.value, float))
         print(f"{strategy.name}{':' + strategy.preset if strategy.preset else ''}: n={record.n_samples} {shown}")
         print(f"  results: {record.samples_file.replace('.samples.jsonl', '.json')}")
@@ -170,7 +200,8 @@ def _cmd_speed(args: argparse.Namespace) -> int:
 
     device = speed.resolve_device(args.device)
     source = args.model or args.shape or ("llava-1.5-7b" if device.startswith("cuda") else "cpu-medium")
-    names = [n.strip() for n in args.strategies.split(",") if n.strip()]
+    names = [n.strip() for n in args.strategies.split(",") if n.strip()] if args.strategies else None
+    names = names or speed.default_strategies()
     import halludec
 
     for name in names:
@@ -253,6 +284,16 @@ def build_parser() -> argparse.ArgumentParser:
     p_run.add_argument("--parser", default="pope", help="POPE answer rule")
     p_run.add_argument("--image-list", default="opera_compat", help="CHAIR image list")
     p_run.add_argument("--max-new-tokens", type=int, default=None)
+    p_run.add_argument(
+        "--prompt", default=None, help="prompt template with {question} (POPE) or the caption prompt (CHAIR)"
+    )
+    p_run.add_argument(
+        "--gen",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a generate argument (JSON value), e.g. --gen do_sample=true --gen temperature=1.0 --gen num_beams=5",
+    )
     p_run.add_argument("--seed", type=int, default=0)
     p_run.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
     p_run.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda:0, ...")
@@ -262,7 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
     p_speed = sub.add_parser("speed", help="time every strategy against plain generate on the same inputs")
     p_speed.add_argument("--model", default=None, help="checkpoint (HF id, folder or lab) instead of a random shape")
     p_speed.add_argument("--shape", default=None, choices=["cpu-medium", "llava-1.5-7b", "tiny"])
-    p_speed.add_argument("--strategies", default="none,pai,paint,vhr,gift,var,vcd,inter")
+    p_speed.add_argument(
+        "--strategies", default=None, help="comma-separated names or presets (default: none + every registered one)"
+    )
     p_speed.add_argument("--new-tokens", type=int, default=64)
     p_speed.add_argument("--repeats", type=int, default=5)
     p_speed.add_argument("--batch-size", type=int, default=1)
@@ -289,6 +332,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_score_subcommand(sub)
     add_compare_subcommand(sub)
     add_heads_subcommand(sub)
+    from halludec.integrations.cli import add_lm_eval_subcommands
+
+    add_lm_eval_subcommands(sub)
     return parser
 
 
@@ -301,6 +347,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     Returns:
         The process exit code.
     """
+    from halludec.integrations.cli import run_lm_eval_passthrough
+
+    passthrough = run_lm_eval_passthrough(sys.argv[1:] if argv is None else argv)
+    if passthrough is not None:  # lm-eval's own options must not reach argparse
+        return passthrough
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.version:

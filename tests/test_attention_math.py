@@ -9,7 +9,7 @@ import torch
 
 import halludec
 from halludec.decoding.attention import apply_mask, eager_attention
-from halludec.decoding.context import LayerPlan
+from halludec.decoding.context import LayerPlan, merge_rows
 from halludec.tiny import tiny_batch
 from tests.conftest import tiny
 from tests.helpers import LastRowProbe, Probe
@@ -87,6 +87,47 @@ def test_last_row_plan_equals_all_rows_plan():
         plan = LayerPlan(prob_strategies=[probe], rows=rows)
         outs.append(eager_attention(_Module(groups=2), q, k, v, mask, (_FakeCall(), plan), scaling=0.3)[0])
     torch.testing.assert_close(outs[0], outs[1], atol=1e-6, rtol=1e-6)
+
+
+def test_row_range_plan_equals_all_rows_plan():
+    """rows=int: sdpa for the rows before it, explicit rows after; hooks see the rows from ``ctx.q_start`` on."""
+    torch.manual_seed(2)
+    q, k, v = torch.randn(2, 4, 7, 8), torch.randn(2, 2, 7, 8), torch.randn(2, 2, 7, 8)
+    mask = torch.tril(torch.ones(7, 7, dtype=torch.bool)).expand(2, 1, 7, 7)
+    seen = []
+
+    class Halve(Probe):
+        """Halves attention to key 0 in prompt rows >= 3 (rows located through ctx.q_start)."""
+
+        def edit_scores(self, scores, ctx):
+            return scores
+
+        def edit_probs(self, probs, ctx):
+            seen.append((ctx.q_start, probs.shape[2]))
+            rows = torch.arange(probs.shape[2]) + ctx.q_start  # [q] prompt rows
+            scale = torch.ones_like(probs)
+            scale[:, :, rows >= 3, 0] = 0.5
+            out = probs * scale
+            return out / out.sum(-1, keepdim=True)
+
+    outs = []
+    for rows in ("all", 3, 5):
+        plan = LayerPlan(prob_strategies=[Halve(layers=(0,))], rows=rows)
+        outs.append(eager_attention(_Module(groups=2), q, k, v, mask, (_FakeCall(), plan), scaling=0.3)[0])
+    assert seen == [(0, 7), (3, 4), (5, 2)]
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-6, rtol=1e-6)
+    assert not torch.allclose(outs[0][:, 3:5], outs[2][:, 3:5])  # rows 3-4 were left to sdpa with start 5
+
+
+def test_merge_rows():
+    assert merge_rows("last", "last") == "last"
+    assert merge_rows("last", 4) == 4
+    assert merge_rows(7, 4) == 4
+    assert merge_rows(4, "all") == "all"
+    with pytest.raises(ValueError, match="allowed: 'all', 'last'"):
+        merge_rows("last", "first")
+    with pytest.raises(ValueError, match="int >= 0"):
+        merge_rows(-1, "last")
 
 
 class _FakeCall:

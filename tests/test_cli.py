@@ -45,3 +45,22 @@ def test_help_has_examples():
     proc = subprocess.run([sys.executable, "-m", "halludec", "--help"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0
     assert "halludec demo" in proc.stdout
+
+
+def test_parse_generation():
+    from halludec.cli import parse_generation
+
+    got = parse_generation(["do_sample=true", "temperature=1.0", "num_beams=5", "cache_implementation=static"])
+    assert got == {"do_sample": True, "temperature": 1.0, "num_beams": 5, "cache_implementation": "static"}
+    with pytest.raises(ValueError, match="is not KEY=VALUE"):
+        parse_generation(["temperature"])
+
+
+def test_run_records_prompt_and_generation_flags(tmp_path, capsys):
+    args = ["run", "--model", "lab", "--benchmark", "lab-pope", "--split", "random", "--limit", "2", "--quiet"]
+    extra = ["--prompt", "{question}", "--gen", "num_beams=2", "--max-new-tokens", "4", "--output", str(tmp_path)]
+    assert main([*args, *extra]) == 0
+    record = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert record["generation"] == {"max_new_tokens": 4, "do_sample": False, "num_beams": 2}
+    assert record["benchmark"]["prompt_template"] == "{question}"
+    assert "none: n=2 " in capsys.readouterr().out

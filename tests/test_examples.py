@@ -87,6 +87,23 @@ def check_score(tmp_path: Path) -> None:
     assert "torch imported: False" in out
 
 
+def check_data_parallel(tmp_path: Path) -> None:
+    out = run_example("07_data_parallel.py", "--output", str(tmp_path), "--limit", "4")
+    assert "accelerate launch --multi_gpu" in out
+    assert out.count("vcd: n=12 ") == 1  # reported once, by the main process
+    assert "part files left: 0" in out
+    assert "same metrics as one process: True; same samples file: True" in out
+
+
+def check_lm_eval(tmp_path: Path) -> None:
+    pytest.importorskip("lm_eval")
+    out = run_example("08_lm_eval.py", "--tasks", "halludec_lab_chair", "--limit", "6", "--strategies", "none", "pai")
+    lines = [line for line in out.splitlines() if "halludec_lab_chair:" in line]
+    assert [line.split()[0] for line in lines] == ["none", "pai"]
+    assert all("chair_i" in line and "recall" in line for line in lines)
+    assert "shell: halludec lm-eval --model halludec-vlm" in out
+
+
 RUNS = {
     "01_generate_with_strategy.py": check_generate,
     "02_compose_strategies.py": check_compose,
@@ -94,6 +111,8 @@ RUNS = {
     "04_compare_strategies.py": check_compare,
     "05_head_profile.py": check_heads,
     "06_score_outputs.py": check_score,
+    "07_data_parallel.py": check_data_parallel,
+    "08_lm_eval.py": check_lm_eval,
 }
 FAST = {"01_generate_with_strategy.py", "06_score_outputs.py"}
 

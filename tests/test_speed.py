@@ -45,9 +45,10 @@ def test_medium_shape_has_576_image_tokens():
     assert 590 <= inputs["input_ids"].shape[1] <= 650
 
 
-@pytest.mark.parametrize("name", ["pai", "paint", "gift"])
+@pytest.mark.parametrize("name", ["pai", "paint", "gift", "var"])
 def test_last_row_fast_path_equals_the_all_rows_reference(name):
-    """Strategies that edit only the last query row give the same output as with every row computed explicitly."""
+    """Strategies that edit only the last query row (or, VAR, the rows after the image) give the same output as with
+    every row computed explicitly."""
     import torch
 
     import halludec
@@ -78,7 +79,17 @@ def test_last_row_fast_path_equals_the_all_rows_reference(name):
         "output_scores": True,
         "return_dict_in_generate": True,
     }
-    active = {"pai": {"alpha": 1.0}, "paint": {"alpha_local": 1.0}, "gift": {"alpha": 5.0}}[name]
+    active = {
+        "pai": {"alpha": 1.0},
+        "paint": {"alpha_local": 1.0},
+        "gift": {"alpha": 5.0},
+        "var": {"sink_dims": (0, 1, 2, 3), "sink_tau": 1.5, "sink_keep_frac": 0.0},
+    }[name]
+    if name == "var":  # a row range: only rows after the earliest last image token are explicit at the prefill
+        with halludec.apply(model, halludec.get_strategy(name, **active), batch, processor=processor) as call:
+            image_end = int(call.image_mask.float().cumsum(-1).argmax(-1).min()) + 1
+            assert {plan.rows for plan in call.plans.values()} == {image_end}
+            assert 0 < image_end < batch["input_ids"].shape[1] - 1
     fast = halludec.generate(model, batch, halludec.get_strategy(name, **active), processor=processor, **kw)
     with halludec.apply(model, AllRows(**active), batch, processor=processor) as call:
         assert all(plan.rows == "all" for plan in call.plans.values())

@@ -15,7 +15,7 @@ import torch
 import halludec
 from halludec.tiny import available_tiny_families, build_tiny, tiny_batch
 from tests.conftest import QUESTIONS, REQUIRED_FAMILIES, tiny
-from tests.test_strategy_matrix import MATRIX
+from tests.test_strategy_matrix import MATRIX, UNSUPPORTED
 
 KW = {"max_new_tokens": 6, "min_new_tokens": 6, "do_sample": False, "output_scores": True}
 NAMES = sorted(MATRIX)
@@ -34,6 +34,10 @@ def _assert_static_equals_default(family: str, name: str) -> None:
     strategy = halludec.get_strategy(name, **_config(name))
     kw = {**KW, "return_dict_in_generate": True}
     default = halludec.generate(model, batch, strategy, processor=processor, **kw)
+    if (name, "static_cache") in UNSUPPORTED:  # declined with a clear error
+        with pytest.raises(ValueError, match=UNSUPPORTED[name, "static_cache"]):
+            halludec.generate(model, batch, strategy, processor=processor, cache_implementation="static", **kw)
+        return
     static = halludec.generate(model, batch, strategy, processor=processor, cache_implementation="static", **kw)
     assert torch.equal(default.sequences, static.sequences)
     for a, b in zip(default.scores, static.scores, strict=True):
@@ -80,6 +84,10 @@ def _assert_compiles_once(name: str) -> None:
     model, processor = build_tiny("llava", seed=0)  # its own model: compiling leaves state on it
     batch = tiny_batch(processor, "llava", QUESTIONS, seed=0)
     strategy = halludec.get_strategy(name, **_config(name))
+    if (name, "static_cache") in UNSUPPORTED:  # declined with a clear error
+        with pytest.raises(ValueError, match=UNSUPPORTED[name, "static_cache"]):
+            _compiled_generate(model, batch, strategy, processor, 5)
+        return
     eager = halludec.generate(model, batch, strategy, processor=processor, max_new_tokens=5, min_new_tokens=5)
     torch._dynamo.reset()
     counters.clear()

@@ -30,6 +30,14 @@ MATRIX: dict[str, tuple[dict, dict | None]] = {
     "vista": ({"vsv_lambda": 0.0, "sla_gamma": 0.0}, {"vsv_lambda": 0.17, "sla_gamma": 0.3}),
     "act": ({"keep_frac": 1.0}, {"keep_frac": 0.0, "threshold": 0.02, "first_layer": 1}),
     "zerotuning": ({"gamma": 1.0}, {"gamma": 0.2}),
+    "only": ({"alpha_collab": 0.0, "alpha_contrast": 0.0, "plausibility_beta": 0.0}, {"plausibility_beta": 0.0}),
+}
+
+# Cells a strategy declines with a clear error instead of running: (name, cell) -> regex of the ValueError.
+# Cells: "sampling" (do_sample=True), "static_cache" (cache_implementation="static", compiled or not).
+UNSUPPORTED: dict[tuple[str, str], str] = {
+    ("opera", "sampling"): "do_sample",
+    ("opera", "static_cache"): "static cache",
 }
 
 KW = {"max_new_tokens": 6, "min_new_tokens": 6, "do_sample": False}
@@ -94,9 +102,13 @@ def test_active_beam_search_and_sampling_run(name, model_and_batch):
     before = snapshot(model)
     beams = halludec.generate(model, batch, strategy, processor=processor, max_new_tokens=3, num_beams=2)
     assert beams.shape[0] == 2
-    torch.manual_seed(0)
-    first = halludec.generate(model, batch, strategy, processor=processor, max_new_tokens=3, do_sample=True)
-    torch.manual_seed(0)
-    second = halludec.generate(model, batch, strategy, processor=processor, max_new_tokens=3, do_sample=True)
-    assert torch.equal(first, second)  # seeded sampling is reproducible through the strategy
+    if (name, "sampling") in UNSUPPORTED:
+        with pytest.raises(ValueError, match=UNSUPPORTED[name, "sampling"]):
+            halludec.generate(model, batch, strategy, processor=processor, max_new_tokens=3, do_sample=True)
+    else:
+        torch.manual_seed(0)
+        first = halludec.generate(model, batch, strategy, processor=processor, max_new_tokens=3, do_sample=True)
+        torch.manual_seed(0)
+        second = halludec.generate(model, batch, strategy, processor=processor, max_new_tokens=3, do_sample=True)
+        assert torch.equal(first, second)  # seeded sampling is reproducible through the strategy
     assert_same_snapshot(before, snapshot(model))

@@ -17,9 +17,10 @@ from typing import Any
 from halludec.benchmarks.chair import load_chair_samples
 from halludec.benchmarks.chair_gt import load_ground_truth
 from halludec.benchmarks.chair_metrics import CHAIR_DEFAULT_MAX_NEW_TOKENS, CHAIR_DEFAULT_PROMPT
+from halludec.benchmarks.distributed import consolidate, current, merge_ordered, part_path, shard_bounds
 from halludec.benchmarks.pope_data import POPE_DEFAULT_MAX_NEW_TOKENS, POPE_DEFAULT_PROMPT, load_pope
 from halludec.benchmarks.pope_metrics import POPE_SPLITS
-from halludec.benchmarks.results import ModelInfo, ResultRecord, StrategyInfo, save_results
+from halludec.benchmarks.results import ModelInfo, ResultRecord, StrategyInfo, load_results, save_results
 from halludec.benchmarks.samples import SampleWriter, load_done_ids
 from halludec.benchmarks.scoring import score_file
 
@@ -80,18 +81,24 @@ class RunConfig:
 def run_benchmark(model: Any, processor: Any, strategy: Any, config: RunConfig, progress: bool = True) -> ResultRecord:
     """Run ``strategy`` on ``config.benchmark`` with ``model``; resume from an existing samples file.
 
+    Under ``accelerate launch`` / ``torchrun`` with N processes, each process runs its contiguous block of whole
+    batches and writes ``<stem>.samples.part-<rank>-of-<N>.jsonl``; the main process merges them into the one
+    samples file (original order, no duplicates) and scores it as a single process does (see
+    ``halludec.benchmarks.distributed``). Every process returns the same record.
+
     Args:
         model: A loaded vision-language model.
         processor: Its processor (chat template; left padding is forced).
         strategy: A strategy name / preset / instance, or a list of them (composition).
         config: What to run.
-        progress: Show a progress bar (tqdm when installed).
+        progress: Show a progress bar (tqdm when installed; main process only).
 
     Returns:
         The results record (also written to ``<output>/<stem>.json``).
     """
     import halludec
     from halludec.decoding import resolve_strategies
+    from halludec.decoding.devices import input_device
     from halludec.vlm_adapters.inputs import chat_inputs
 
     config.validate()
@@ -101,23 +108,39 @@ def run_benchmark(model: Any, processor: Any, strategy: Any, config: RunConfig, 
     stem = _stem(config, strategies)
     samples_path = out_dir / f"{stem}.samples.jsonl"
     key = "id" if _yesno(config) else "image_id"
+    dist = current()
+    # rows of an interrupted run (any number of processes) join the merged file before anyone reads it
+    leftovers = consolidate(samples_path, key) if dist.is_main else 0
+    dist.barrier()
     done = {str(i) for i in load_done_ids(samples_path, key=key)} if samples_path.exists() else set()
-    todo = [s for s in items if str(_sample_id(s)) not in done]
+    first, last = shard_bounds(len(items), config.batch_size, dist.rank, dist.world)
+    todo = [s for s in items[first:last] if str(_sample_id(s)) not in done]
+    write_to = samples_path if dist.world == 1 else part_path(samples_path, dist.rank, dist.world)
     generation = {"max_new_tokens": max_new, "do_sample": False, **config.generation}
     tok = getattr(processor, "tokenizer", processor)
     tok.padding_side = "left"
     start, new_tokens = time.perf_counter(), 0
-    with SampleWriter(samples_path) as writer:
-        for batch in _progress(_chunks(todo, config.batch_size), len(todo), config.batch_size, progress, stem):
+    device = input_device(model)  # the embeddings' device (not meta when a device_map offloads the first module)
+    desc = stem if dist.world == 1 else f"{stem} (rank 0 of {dist.world} processes)"
+    show = progress and dist.is_main
+    with SampleWriter(write_to) as writer:
+        for batch in _progress(_chunks(todo, config.batch_size), len(todo), config.batch_size, show, desc):
             questions = [_question(s, config, prompt) for s in batch]
-            inputs = chat_inputs(processor, [_image(s) for s in batch], questions, model.device)
+            inputs = chat_inputs(processor, [_image(s) for s in batch], questions, device)
             _seed(config.seed)
             out = halludec.generate(model, inputs, strategies, processor=processor, questions=questions, **generation)
             new = out[:, inputs["input_ids"].shape[1] :]
             new_tokens += int((new != (tok.pad_token_id if tok.pad_token_id is not None else -1)).sum())
             for sample, text in zip(batch, tok.batch_decode(new, skip_special_tokens=True), strict=True):
                 writer.write(_row(sample, text.strip(), config))
+    dist.barrier()
     wall = time.perf_counter() - start
+    ran, new_tokens = int(dist.sum(len(todo))), int(dist.sum(new_tokens))
+    if not dist.is_main:
+        dist.barrier()  # the main process merges, scores and writes the results file
+        return load_results(out_dir / f"{stem}.json")
+    if dist.world > 1 or leftovers:
+        merge_ordered(samples_path, key, [_sample_id(s) for s in items])
     if _yesno(config):
         options: dict[str, Any] = {"parser": config.parser}
     elif config.benchmark == "chair":
@@ -140,10 +163,11 @@ def run_benchmark(model: Any, processor: Any, strategy: Any, config: RunConfig, 
         from halludec.lab.bench import lab_data_info
 
         record.benchmark.data = lab_data_info(config.benchmark)
-    record.wall_time_s = wall if todo else None
-    record.tokens_per_s = new_tokens / wall if todo and wall > 0 else None
+    record.wall_time_s = wall if ran else None
+    record.tokens_per_s = new_tokens / wall if ran and wall > 0 else None
     record.samples_file = str(samples_path)
     save_results(record, out_dir / f"{stem}.json")
+    dist.barrier()
     return record
 
 

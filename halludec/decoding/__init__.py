@@ -9,6 +9,7 @@ from halludec.decoding import (  # noqa: F401
     inter,
     m3id,
     none,
+    only,
     pai,
     paint,
     var,

@@ -214,7 +214,7 @@ class ACT(Strategy):
             return
         mask = self._head_mask(call.adapter)  # [L, H] bool
         device = call.input_ids.device
-        state.heads = {i: mask[i].to(device) for i in range(mask.shape[0]) if mask[i].any()}
+        state.heads = {i: mask[i].to(call.layer_device(i)) for i in range(mask.shape[0]) if mask[i].any()}
         state.valid = call.attention_mask.bool()  # [B, L]
         first = state.valid.long().argmax(dim=-1)  # [B] first non-pad position (left padding)
         pos = torch.arange(call.prompt_len, device=device)  # [L]

@@ -16,7 +16,7 @@ from transformers import LogitsProcessorList
 
 from halludec.decoding import attention
 from halludec.decoding.base import Strategy, resolve_strategies
-from halludec.decoding.context import CallContext, LayerPlan
+from halludec.decoding.context import CallContext, LayerPlan, merge_rows
 from halludec.decoding.side import SideBranches
 from halludec.vlm_adapters import VLMAdapter, get_adapter
 
@@ -110,6 +110,9 @@ def generate(
         processors = LogitsProcessorList([*call.logits_processors, *user])
         if processors:
             generate_kwargs["logits_processor"] = processors
+        owner = next((s for s in call.strategies if s.owns_search), None)
+        if owner is not None:  # e.g. OPERA: its own search loop, inside this context
+            return owner.search(call, generate_kwargs)
         return model.generate(**inputs, **generate_kwargs)
 
 
@@ -162,8 +165,7 @@ def _plans(call: CallContext, strategies: list[Strategy]) -> dict[int, LayerPlan
             plan = plans.setdefault(layer, LayerPlan())
             if s.uses_probs():
                 plan.prob_strategies.append(s)
-                if s.attention_rows_for(layer, call) == "all":
-                    plan.rows = "all"
+                plan.rows = merge_rows(plan.rows, s.attention_rows_for(layer, call))
             if s.uses_head_outputs():
                 plan.head_strategies.append(s)
     return plans

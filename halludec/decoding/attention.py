@@ -116,16 +116,19 @@ def eager_attention(
     kv_len = key.shape[2]
     scaling = head_dim**-0.5 if scaling is None else scaling
     call, plan = steering if steering is not None else (None, None)
-    ctx = LayerContext(call, module, q_len, kv_len, bsz) if call is not None else None
+    ctx = LayerContext(call, module, q_len, kv_len, bsz, value) if call is not None else None
     probs = None
     if plan is not None and plan.prob_strategies:
-        if plan.rows == "last" and q_len > 1 and softcap is None:
-            # sdpa for every row, then the last row recomputed explicitly and replaced.
+        start = _start_row(plan.rows, q_len)
+        if start > 0 and softcap is None:
+            # sdpa for every row, then rows start.. (the last one, or a strategy's range) recomputed and replaced.
             out, _ = sdpa_attention_forward(
                 module, query, key, value, attention_mask, scaling=scaling, is_causal=causal, **kwargs
             )
-            last, _ = _attend(module, query[:, :, -1:], key, value, _last_row(attention_mask), ctx, plan, scaling)
-            out = torch.cat([out[:, :-1], last], dim=1)  # [B, q, H, d]
+            ctx.q_start = start
+            mask = _from_row(attention_mask, start)
+            tail, _ = _attend(module, query[:, :, start:], key, value, mask, ctx, plan, scaling)
+            out = torch.cat([out[:, :start], tail], dim=1)  # [B, q, H, d]
         else:
             out, probs = _attend(module, query, key, value, attention_mask, ctx, plan, scaling, softcap, causal)
     elif plan is None or softcap is not None:
@@ -140,8 +143,20 @@ def eager_attention(
     return out, (probs if keep_probs else None)
 
 
-def _last_row(mask: torch.Tensor | None) -> torch.Tensor | None:
-    return None if mask is None else mask[:, :, -1:]  # [B, 1, 1, K]
+def _start_row(rows: str | int, q_len: int) -> int:
+    """First query row computed explicitly: 0 for ``"all"`` (and single-row calls), ``q_len - 1`` for ``"last"``."""
+    if q_len <= 1 or rows == "all":
+        return 0
+    if rows == "last":
+        return q_len - 1
+    return min(int(rows), q_len - 1)
+
+
+def _from_row(mask: torch.Tensor | None, start: int) -> torch.Tensor | None:
+    """The mask rows of query rows ``start..``; a mask broadcast over query rows is kept whole."""
+    if mask is None or mask.shape[2] == 1:
+        return mask
+    return mask[:, :, start:]  # [B, 1, q - start, K]
 
 
 def _attend(

@@ -127,8 +127,12 @@ class Strategy:
         """Decoder layers whose attention this strategy reads or edits. Default: none."""
         return set()
 
-    def attention_rows_for(self, layer: int, call: CallContext) -> Literal["all", "last"]:
-        """Query rows needed as explicit probabilities in ``layer``. Default: ``attention_rows``."""
+    def attention_rows_for(self, layer: int, call: CallContext) -> Literal["all", "last"] | int:
+        """Query rows needed as explicit probabilities in ``layer``. Default: ``attention_rows``.
+
+        An int is the first prompt row the strategy reads or edits at the prefill: rows before it stay on sdpa and
+        the hooks receive rows ``start..`` (``ctx.q_start`` says which); at decode the single row, as always.
+        """
         return self.attention_rows
 
     def logits_processors(self, call: CallContext) -> list[LogitsProcessor]:
@@ -138,6 +142,21 @@ class Strategy:
     def side_inputs(self, call: CallContext) -> list[Mapping[str, Any]]:
         """Side-branch inputs (same rows as the main inputs), batched with the main forward. Default: none."""
         return []
+
+    def search(self, call: CallContext, generate_kwargs: dict[str, Any]) -> Any:
+        """Generate in place of ``model.generate`` (strategies with ``owns_search``, e.g. OPERA).
+
+        ``halludec.generate`` calls it inside the ``apply`` context, so the other strategies of the composition
+        still steer every forward it runs.
+
+        Args:
+            call: The call context (``call.model``, ``call.inputs``).
+            generate_kwargs: The caller's ``generate`` keyword arguments (logits processors already merged).
+
+        Returns:
+            What ``model.generate`` returns for these kwargs.
+        """
+        raise NotImplementedError(f"Strategy {self.name!r} sets owns_search but does not implement search().")
 
     def edit_logits(self, logits: torch.Tensor, ctx: LogitsContext) -> torch.Tensor:
         """Edit the next-token logits ``[rows, V]`` (float32) using ``ctx.side``. Must not modify in place."""

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from halludec.decoding.devices import DeviceCache, layer_device
+
 if TYPE_CHECKING:
     from halludec.decoding.base import Strategy
     from halludec.decoding.side import SideBranches
@@ -29,12 +31,41 @@ class LayerPlan:
     Attributes:
         prob_strategies: Strategies that need explicit scores/probabilities here, in composition order.
         head_strategies: Strategies that edit per-head outputs here, in composition order.
-        rows: ``"all"``, or ``"last"`` when every prob strategy only needs the last query row.
+        rows: ``"all"``; ``"last"`` when every prob strategy only needs the last query row; or an int, the first
+            prompt row any of them needs at the prefill (earlier rows stay on sdpa; see :func:`merge_rows`).
     """
 
     prob_strategies: list[Strategy] = field(default_factory=list)
     head_strategies: list[Strategy] = field(default_factory=list)
-    rows: str = "last"
+    rows: str | int = "last"
+
+
+def merge_rows(a: str | int, b: str | int) -> str | int:
+    """The query rows two strategies need together: ``"all"`` wins, then the lower start row, then ``"last"``.
+
+    Args:
+        a: ``"all"``, ``"last"`` or a start row (int >= 0).
+        b: The same.
+
+    Returns:
+        The merged row spec.
+
+    Raises:
+        ValueError: a spec that is neither ``"all"``, ``"last"`` nor an int >= 0.
+    """
+    for spec in (a, b):
+        bad_int = isinstance(spec, int) and (isinstance(spec, bool) or spec < 0)
+        if bad_int or (not isinstance(spec, int) and spec not in ("all", "last")):
+            raise ValueError(
+                f"attention_rows_for returned {spec!r}; allowed: 'all', 'last' or the first prompt row (int >= 0)."
+            )
+    if "all" in (a, b):
+        return "all"
+    if isinstance(a, int) and isinstance(b, int):
+        return min(a, b)
+    if isinstance(a, int):
+        return a
+    return b
 
 
 class CallContext:
@@ -90,6 +121,28 @@ class CallContext:
         """Extra left padding of the main rows in the cache after the prefill (side prompts longer than the main)."""
         self._image_spans: list[list[Span]] | None = None
         self._query_spans: list[Span] | None = None
+        self._moved = DeviceCache()  # per-call state copied to the devices of a sharded model's layers, once
+        self._layer_devices: dict[int, torch.device] = {}
+
+    def to_device(self, tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """``tensor`` on ``device``: itself when already there, else a copy made once per call and device.
+
+        Args:
+            tensor: State built before decoding (per row or per prompt position).
+            device: The device of the layer or logits that read it (a model split with ``device_map``).
+
+        Returns:
+            The tensor on ``device``.
+        """
+        return self._moved.to(tensor, device)
+
+    def layer_device(self, layer: int) -> torch.device:
+        """The device decoder layer ``layer``'s attention runs on (accelerate's execution device when the model
+        is split or offloaded with ``device_map``; the inputs' device otherwise). Place per-layer state there in
+        ``prepare``."""
+        if layer not in self._layer_devices:
+            self._layer_devices[layer] = layer_device(self.adapter, layer, default=self.input_ids.device)
+        return self._layer_devices[layer]
 
     def register_hook(self, module: nn.Module, hook: Any, *, pre: bool = True, with_kwargs: bool = False) -> None:
         """Register a forward (pre-)hook on ``module`` for this call only; it is removed when the call ends.
@@ -164,15 +217,34 @@ class LayerContext:
             ``attention_rows = "last"`` the score/probability hooks receive only the last of these rows.
         kv_len: Key length ``K`` (the cache length; the full static length on the static path).
         batch: Rows in this call (inputs' rows x beams / return sequences).
+        value: The value states ``[batch, Hkv, K, d]`` of this call (cache included, before ``repeat_kv``), for
+            strategies that build an extra attention output of their own from the probabilities they see.
     """
 
-    def __init__(self, call: CallContext, module: nn.Module, q_len: int, kv_len: int, batch: int) -> None:
+    def __init__(
+        self,
+        call: CallContext,
+        module: nn.Module,
+        q_len: int,
+        kv_len: int,
+        batch: int,
+        value: torch.Tensor | None = None,
+    ) -> None:
         self.call = call
         self.module = module
         self.layer_idx: int = module.layer_idx
         self.q_len = q_len
         self.kv_len = kv_len
         self.batch = batch
+        self.value = value
+        self.q_start = 0
+        """Prompt row of the first query row the score/probability hooks receive (``q_len - 1`` with ``"last"``,
+        the plan's start row with a row range at the prefill; 0 otherwise)."""
+
+    @property
+    def device(self) -> torch.device:
+        """The device this layer runs on: ``rows`` and ``keys`` return tensors there."""
+        return self.value.device if self.value is not None else self.call.layer_device(self.layer_idx)
 
     @property
     def is_prefill(self) -> bool:
@@ -181,6 +253,7 @@ class LayerContext:
 
     def rows(self, per_row: torch.Tensor) -> torch.Tensor:
         """Expand a per-input-row tensor ``[B, ...]`` to this call's rows ``[batch, ...]`` (beams etc.)."""
+        per_row = self.call.to_device(per_row, self.device)
         n = per_row.shape[0]
         return per_row if n == self.batch else per_row.repeat_interleave(self.batch // n, dim=0)
 
@@ -190,6 +263,7 @@ class LayerContext:
         Works on the default and the static cache, sliding-window layers included; shapes depend only on Python
         state (prompt length, cache sizes), never on tensor values.
         """
+        per_position = self.call.to_device(per_position, self.device)
         if self.call.key_shift and not self.call.suspended:  # main rows sit behind a longer side prompt
             per_position = F.pad(per_position, (self.call.key_shift, 0))  # [B, shift + L]
         length = per_position.shape[1]

@@ -313,7 +313,12 @@ class GIFT(Strategy):
         frac = self.config.head_frac
         recorders = {
             layer: _ShiftRecorder(
-                lambda p: gaze_shifts(p, plan.rows, visual, plan.lo, plan.hi, frac), last=layer == plan.saliency[-1]
+                # probabilities arrive on the layer's device (device_map); the reduced shifts go back to the inputs'
+                lambda p: tuple(
+                    t.to(visual.device)
+                    for t in gaze_shifts(p, plan.rows.to(p.device), visual.to(p.device), plan.lo, plan.hi, frac)
+                ),
+                last=layer == plan.saliency[-1],
             )
             for layer in plan.saliency
         }
@@ -402,7 +407,7 @@ class GIFT(Strategy):
         visual = ctx.image_keys().float()  # [batch, K]
         shift, _ = gaze_shifts(probs, ctx.rows(plan.rows), visual, plan.lo, plan.hi, self.config.head_frac)
         first, last = plan.saliency[0], plan.saliency[-1]
-        plan.shift = shift if ctx.layer_idx == first else plan.shift + shift
+        plan.shift = shift if ctx.layer_idx == first else plan.shift.to(shift.device) + shift
         if ctx.layer_idx == last:
             heads = probs.shape[1]
             image_id = ctx.keys(plan.image_id)  # [batch, K]

@@ -178,7 +178,7 @@ class PAINT(Strategy):
         call.state["paint_local"], call.state["paint_summary"] = masks[0], masks[1]
         if heads is not None:
             call.state["paint_heads"] = {
-                layer: heads[layer].to(device=masks.device, dtype=torch.float32)  # [H]
+                layer: heads[layer].to(device=call.layer_device(layer), dtype=torch.float32)  # [H]
                 for layer in torch.nonzero(heads.any(dim=-1)).flatten().tolist()
             }
             if not any(layer >= self.config.first_layer for layer in call.state["paint_heads"]):

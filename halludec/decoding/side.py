@@ -187,6 +187,8 @@ class SideBranches:
         cache = kwargs["past_key_values"]
         # merged prompt length + tokens fed so far: an int (dynamic), the cache's 0-dim length tensor (static)
         past = cache.layers[self._past_layer].get_seq_length() if self._static else cache.get_seq_length()
+        if isinstance(past, torch.Tensor) and past.device != ids.device:  # that cache layer on another device
+            past = past.to(ids.device)
         fed = past - self._prompt_len  # tokens fed after the prompt (before this step's)
         step = fed + 1  # tokens generated before this step (the prefill generated one)
         if not self.branches:
@@ -225,7 +227,9 @@ class SideBranches:
         self.logits = side_logits
         if not self.editors:
             return out
-        last = out.logits[:, -1].float()  # [Bm, V]
+        last = out.logits[:, -1].float()  # [Bm, V] on the LM head's device (device_map)
+        if isinstance(step, torch.Tensor) and step.device != last.device:
+            step = step.to(last.device)
         for strategy, slots in zip(self.editors, self.slots, strict=True):
             side = [side_logits[i].float() for i in slots]
             last = strategy.edit_logits(last, LogitsContext(self.call, side, step))

@@ -141,7 +141,7 @@ def find_sink_dimensions(
     votes = [at_first for layer, (_, at_first) in seen.items() if layer >= first_layer]
     dims: list[int] = []
     if votes:
-        hits = torch.cat(votes).float().mean(dim=0)  # [D] fraction of (layer, row) pairs over tau
+        hits = torch.cat([v.cpu() for v in votes]).float().mean(dim=0)  # [D] fraction of (layer, row) pairs over tau
         dims = torch.nonzero(hits >= 0.5).flatten().tolist()
     if not dims:
         warnings.warn(

@@ -221,7 +221,7 @@ class VAR(Strategy):
         layers = set(range(cfg.first_layer, last + 1))
         if cfg.profile is not None:
             mask = profile_head_mask(cfg.profile, call.adapter, cfg.profile_k)  # [L, H] bool
-            state.heads = {i: mask[i].to(call.input_ids.device) for i in range(mask.shape[0]) if mask[i].any()}
+            state.heads = {i: mask[i].to(call.layer_device(i)) for i in range(mask.shape[0]) if mask[i].any()}
             if layers and not layers & set(state.heads):
                 warnings.warn(
                     f"VAR: the profile {cfg.profile!r} has no head among its top profile_k={cfg.profile_k} in the "
@@ -251,13 +251,18 @@ class VAR(Strategy):
     def attention_layers(self, call: CallContext) -> set[int]:
         return set(call.state[self._key].layers)
 
+    def attention_rows_for(self, layer: int, call: CallContext) -> int:
+        """Rows after the earliest last image token of any row: earlier prefill rows are never eligible."""
+        state: _VARState = call.state[self._key]
+        return int(state.image_end.min()) if state.image_end is not None else 0
+
     def edit_probs(self, probs: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
         state: _VARState = ctx.call.state[self._key]
         sinks = state.sinks.get(ctx.layer_idx)
         if sinks is None:  # no prefill seen (cannot happen in generate); leave attention alone
             return probs
         if ctx.is_prefill:
-            qpos = torch.arange(probs.shape[2], device=probs.device)  # [q] prefill rows are positions 0..q-1
+            qpos = torch.arange(probs.shape[2], device=probs.device) + ctx.q_start  # [q] prompt rows q_start..
             eligible = qpos[None, :] >= ctx.rows(state.image_end)[:, None]  # [B, q]
         else:
             eligible = torch.ones(probs.shape[0], probs.shape[2], dtype=torch.bool, device=probs.device)  # [B, q]

@@ -147,11 +147,10 @@ class VHR(Strategy):
                     "or use layers=None (all the profile's heads).",
                     stacklevel=2,
                 )
-        device = call.input_ids.device
         scales: dict[int, torch.Tensor] = {}
         for layer in torch.nonzero(mask.any(dim=-1)).flatten().tolist():
             row = 1.0 + (self.config.alpha - 1.0) * mask[layer].float()  # [H]
-            scales[layer] = row.to(device).expand(call.batch_size, -1)  # [B, H]
+            scales[layer] = row.to(call.layer_device(layer)).expand(call.batch_size, -1)  # [B, H]
         call.state["vhr_scale"] = scales
         call.state["vhr_vhd"] = {}
 

@@ -204,6 +204,7 @@ class VISTA(Strategy):
             x = layer_output(output)  # [B_all, q, D]
             main = call.main_rows(x.shape[0])
             v = direction if main == direction.shape[0] else direction.repeat_interleave(main // direction.shape[0], 0)
+            v = call.to_device(v, x.device)  # the layer's device (device_map); copied once per call
             steered = steer(x[:main], v, lam, gain).to(x.dtype)  # [main, q, D]
             if main < x.shape[0]:
                 steered = torch.cat([steered, x[main:]])  # [B_all, q, D]
@@ -220,7 +221,7 @@ class VISTA(Strategy):
             if call.suspended:
                 return None
             main = call.main_rows(output.shape[0])
-            early = torch.stack([state.hidden[layer] for layer in state.sla_layers])  # [w, main, D]
+            early = torch.stack([state.hidden[layer].to(output.device) for layer in state.sla_layers])  # [w, main, D]
             mixed = output.clone()  # [B_all, q, D]
             mixed[:main, -1] = sla_hidden(output[:main, -1], early, gamma, lens).to(output.dtype)
             return mixed

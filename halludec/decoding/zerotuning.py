@@ -171,7 +171,9 @@ class ZeroTuning(Strategy):
             return
         table = self._gammas(call.adapter)  # [L, H]
         device = call.input_ids.device
-        state.gammas = {i: table[i].to(device) for i in range(table.shape[0]) if bool((table[i] != 1.0).any())}
+        state.gammas = {
+            i: table[i].to(call.layer_device(i)) for i in range(table.shape[0]) if bool((table[i] != 1.0).any())
+        }
         first = call.attention_mask.bool().long().argmax(dim=-1)  # [B] first non-pad position (left padding)
         pos = torch.arange(call.prompt_len, device=device)  # [L]
         state.initial = pos[None, :] == first[:, None]  # [B, L]
