@@ -29,6 +29,7 @@ MATRIX: dict[str, tuple[dict, dict | None]] = {
     "paint": ({"alpha_local": 0.0, "beta_summary": 0.0}, {"alpha_local": 3.0, "beta_summary": 3.0}),
     "vista": ({"vsv_lambda": 0.0, "sla_gamma": 0.0}, {"vsv_lambda": 0.17, "sla_gamma": 0.3}),
     "act": ({"keep_frac": 1.0}, {"keep_frac": 0.0, "threshold": 0.02, "first_layer": 1}),
+    "agla": ({"alpha": 0.0, "plausibility_beta": 0.0}, {"plausibility_beta": 0.0}),
     "zerotuning": ({"gamma": 1.0}, {"gamma": 0.2}),
     "only": ({"alpha_collab": 0.0, "alpha_contrast": 0.0, "plausibility_beta": 0.0}, {"plausibility_beta": 0.0}),
 }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from halludec.decoding import (  # noqa: F401
     act,
+    agla,
     gift,
     icd,
     inter,
