@@ -32,6 +32,12 @@ MATRIX: dict[str, tuple[dict, dict | None]] = {
     "agla": ({"alpha": 0.0, "plausibility_beta": 0.0}, {"plausibility_beta": 0.0}),
     "zerotuning": ({"gamma": 1.0}, {"gamma": 0.2}),
     "only": ({"alpha_collab": 0.0, "alpha_contrast": 0.0, "plausibility_beta": 0.0}, {"plausibility_beta": 0.0}),
+    # OPERA owns the search; with one beam its neutral form is greedy (tests/test_opera.py checks 2 and 5 beams
+    # against transformers' beam search); active: column penalty from the first token, rollback after 2 repeats
+    "opera": (
+        {"num_beams": 1, "num_attn_candidates": None, "penalty_weights": 0.0, "threshold": None},
+        {"num_beams": 1, "early_tokens": 0, "threshold": 1, "fp16_scores": False},
+    ),
 }
 
 # Cells a strategy declines with a clear error instead of running: (name, cell) -> regex of the ValueError.

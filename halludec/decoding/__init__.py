@@ -11,6 +11,7 @@ from halludec.decoding import (  # noqa: F401
     m3id,
     none,
     only,
+    opera,
     pai,
     paint,
     var,
