@@ -340,6 +340,7 @@ def test_one_pass_equals_extra_pass_and_released_saliency(family):
     (inline, plan_in, call), (extra, plan_ex, _) = runs["inline"], runs["extra"]
     assert plan_in.inline
     assert not plan_ex.inline
+    assert call.plans[1].rows == plan_in.lo - 1 > 0  # inline saliency: rows from the question on, sdpa before
     assert torch.equal(inline.sequences, extra.sequences)
     assert max_score_diff(inline, extra) < 1e-4
     assert torch.allclose(plan_in.log_gain, plan_ex.log_gain, atol=1e-4)

@@ -373,10 +373,10 @@ class GIFT(Strategy):
         plan = self._plan(call)
         return set(plan.band) | (set(plan.saliency) if plan.inline else set())
 
-    def attention_rows_for(self, layer: int, call: CallContext) -> str:
-        """Every query row in an inline saliency layer (Stage A), the last one in the band."""
+    def attention_rows_for(self, layer: int, call: CallContext) -> str | int:
+        """From the row before the first question token in an inline saliency layer (Stage A), the last in the band."""
         plan = self._plan(call)
-        return "all" if plan.inline and layer in plan.saliency else "last"
+        return max(plan.lo - 1, 0) if plan.inline and layer in plan.saliency else "last"
 
     def edit_probs(self, probs: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
         """Stage A (inline saliency layers, at the prefill) and Stage B (band layers, last query row)."""
@@ -405,7 +405,9 @@ class GIFT(Strategy):
             plan.log_gain = torch.zeros_like(ctx.rows(plan.rows))
             return
         visual = ctx.image_keys().float()  # [batch, K]
-        shift, _ = gaze_shifts(probs, ctx.rows(plan.rows), visual, plan.lo, plan.hi, self.config.head_frac)
+        start = ctx.q_start  # probs hold prompt rows start.. (the plan's row range)
+        rows = ctx.rows(plan.rows)[:, start:]  # [batch, q]
+        shift, _ = gaze_shifts(probs, rows, visual, plan.lo - start, plan.hi - start, self.config.head_frac)
         first, last = plan.saliency[0], plan.saliency[-1]
         plan.shift = shift if ctx.layer_idx == first else plan.shift.to(shift.device) + shift
         if ctx.layer_idx == last:
