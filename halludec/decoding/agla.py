@@ -173,6 +173,7 @@ class _AGLAState:
     pixels: torch.Tensor  # the local branch's pixel_values (written before its prefill)
     layers: tuple[int, ...] = ()
     weights: torch.Tensor | None = None  # [B, L] question-row weights (None: last row)
+    first_row: int = 0  # the earliest question token over rows (explicit attention from there on)
     keep: list[float | torch.Tensor] = field(default_factory=list)  # per image
     acc: torch.Tensor | None = None  # [B, K] summed over the band's layers
 
@@ -232,15 +233,17 @@ class AGLA(Strategy):
             for row, (start, end) in enumerate(call.query_spans):
                 weights[row, start:end] = 1.0 / max(end - start, 1)
             state.weights = weights.to(call.input_ids.device)
+            state.first_row = min(start for start, _ in call.query_spans)
 
     def attention_layers(self, call: CallContext) -> set[int]:
         """The relevance band (attention variant with the local branch on); none otherwise."""
         state = call.state.get(self._key)
         return set(state.layers) if state is not None else set()
 
-    def attention_rows_for(self, layer: int, call: CallContext) -> str:
-        """Every prompt row for the question's attention, the last one otherwise."""
-        return "all" if self.config.relevance_queries == "question" else "last"
+    def attention_rows_for(self, layer: int, call: CallContext) -> str | int:
+        """The prompt rows from the earliest question token on for the question's attention, else the last one."""
+        state = call.state.get(self._key)
+        return state.first_row if state is not None and state.weights is not None else "last"
 
     def edit_probs(self, probs: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
         """At the main prefill only: accumulate the relevance; after the band's last layer, write the local view."""
@@ -248,7 +251,8 @@ class AGLA(Strategy):
             return probs
         state: _AGLAState = ctx.call.state[self._key]
         length = ctx.call.prompt_len
-        weights = state.weights if probs.shape[2] == length else None  # [B, L] over query rows
+        # the question's rows: prompt rows q_start.. are here (the plan's row range); None: the last row
+        weights = state.weights[:, ctx.q_start :] if state.weights is not None else None  # [B, q]
         relevance = attention_relevance(probs, weights, ctx.call.batch_size)[:, :length]  # [B, L]
         relevance = relevance.to(state.original.device)  # layers may sit on several devices (device_map)
         state.acc = relevance if ctx.layer_idx == state.layers[0] else state.acc + relevance
