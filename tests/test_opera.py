@@ -10,7 +10,7 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 import halludec
-from halludec.decoding import opera_search
+from halludec.decoding import opera_batch, opera_search
 from halludec.decoding.opera import candidate_scores, column_scores, log_columns, normalised_rows, smallest_mode
 from halludec.tiny import tiny_batch
 from tests.conftest import QUESTIONS, REQUIRED_FAMILIES, tiny
@@ -217,3 +217,73 @@ def test_composes_with_attention_and_logits_strategies_on_one_row():
         both = halludec.generate(model, batch, [other, halludec.get_strategy("opera", **ROLLING)], **kw)
         assert both.shape == alone.shape
     assert_same_snapshot(before, snapshot(model))
+
+
+# ------------------------------------------------------------------------------------------------ batched candidates
+@pytest.mark.parametrize(
+    ("family", "config"),
+    [
+        ("llava", {"early_tokens": 2, "fp16_scores": False}),
+        ("llava", ROLLING),
+        ("qwen2_vl", {**ROLLING, "num_beams": 3}),
+    ],
+)
+def test_batched_candidates_equal_one_candidate_at_a_time(monkeypatch, family, config):
+    """One forward of K * C candidate rows reads the attention rows of C forwards of K rows (to rounding)."""
+    model, processor = tiny(family)
+    batch = tiny_batch(processor, family, QUESTIONS, seed=0)
+    strategy = halludec.get_strategy("opera", **config)
+    kw = {"max_new_tokens": 6, "min_new_tokens": 6, "output_scores": True, "return_dict_in_generate": True}
+    batched = halludec.generate(model, batch, strategy, **kw)
+    monkeypatch.setattr(opera_search.RowSearch, "_candidates", opera_search.RowSearch._candidates_serial)
+    serial = halludec.generate(model, batch, strategy, **kw)
+    assert torch.equal(batched.sequences, serial.sequences)
+    assert torch.equal(batched.beam_indices, serial.beam_indices)
+    # float32 GEMMs over K * C rows instead of K may round the attention rows differently in the last bit
+    torch.testing.assert_close(batched.sequences_scores, serial.sequences_scores, rtol=1e-5, atol=1e-6)
+    for a, b in zip(batched.scores, serial.scores, strict=True):
+        assert torch.equal(torch.isfinite(a), torch.isfinite(b))  # the same candidates, the same exclusions
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("family", "config", "diverge"),
+    [("llava", ROLLING, False), ("llava", ROLLING, True), ("qwen2_vl", {**ROLLING, "num_beams": 3}, True)],
+)
+def test_rows_in_lockstep_share_forwards_and_equal_rows_searched_alone(monkeypatch, family, config, diverge):
+    model, processor = tiny(family)
+    if diverge:  # only the second row rolls back: the rows go on at different lengths, in separate forwards
+        position = opera_search.RowSearch._rollback_position
+        monkeypatch.setattr(
+            opera_search.RowSearch,
+            "_rollback_position",
+            lambda self, *args: None if self.offset == 0 else position(self, *args),
+        )
+    batch = tiny_batch(processor, family, QUESTIONS, seed=0)
+    strategy = halludec.get_strategy("opera", **config)
+    kw = {"max_new_tokens": 6, "min_new_tokens": 6, "output_scores": True, "return_dict_in_generate": True}
+    shared: list[int] = []
+    forward_rows = opera_batch.forward_rows
+
+    def spy(model, call, requests, rows):
+        shared.append(len(requests))
+        return forward_rows(model, call, requests, rows)
+
+    run_searches = opera_batch.run_searches
+    monkeypatch.setattr(opera_batch, "forward_rows", spy)
+    monkeypatch.setattr(opera_batch, "run_searches", lambda *args, max_rows: run_searches(*args))  # no row cap
+    together = halludec.generate(model, batch, strategy, **kw)
+    assert max(shared) == 2  # the rows in lockstep share their forwards, candidates included
+    assert (min(shared) == 1) == diverge  # a row at another length runs alone
+
+    def alone(model, call, searches, max_rows):
+        return {row: run_searches(model, call, {row: s})[row] for row, s in searches.items()}
+
+    monkeypatch.setattr(opera_batch, "run_searches", alone)
+    apart = halludec.generate(model, batch, strategy, **kw)
+    assert torch.equal(together.sequences, apart.sequences)
+    assert torch.equal(together.beam_indices, apart.beam_indices)
+    torch.testing.assert_close(together.sequences_scores, apart.sequences_scores, rtol=1e-5, atol=1e-6)
+    for a, b in zip(together.scores, apart.scores, strict=True):
+        assert torch.equal(torch.isfinite(a), torch.isfinite(b))
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -17,12 +17,14 @@ times in every beam's history, decoding goes back to the token after it and choo
 whole vocabulary, excluding every earlier choice there (at most ``num_attn_candidates`` times per position, then the
 position before). See ``docs/methods/opera.md`` for the equations, the open questions and their resolutions.
 
-Batches are decoded one row at a time after one batched prefill (a rollback moves a row to its own length).
+Each batch row keeps its own search and cache after one batched prefill (a rollback moves a row to its own length);
+the forwards of rows at the same length run together, and a step's candidates of all beams are one forward.
 Unsupported, with a clear error: sampling, the static cache, and composition when the batch has more than one row.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -148,7 +150,7 @@ class OPERA(Strategy):
 
     def search(self, call: CallContext, generate_kwargs: dict[str, Any]) -> Any:
         """Run OPERA's beam search through ``model.generate(custom_generate=...)``; returns what generate returns."""
-        from halludec.decoding.opera_search import make_decoder
+        from halludec.decoding.opera_batch import make_decoder
 
         kwargs = dict(generate_kwargs)
         if kwargs.get("do_sample"):
@@ -279,6 +281,55 @@ def check_cache(cache: Any) -> None:
             f"OPERA needs the default dynamic cache (its candidate forwards and rollbacks rewind it); got {kinds}. "
             "The static, quantized and offloaded caches are unsupported: drop cache_implementation."
         )
+
+
+# ------------------------------------------------------------------------------------------------ cache rows
+def take_rows(kwargs: dict[str, Any], index: torch.Tensor, rows: int) -> dict[str, Any]:
+    """Model kwargs for the cache rows ``index`` of kwargs built for ``rows`` rows (the cache object is shared).
+
+    Args:
+        kwargs: generate's model kwargs; per-row tensors have ``rows`` rows (``position_ids`` may be
+            ``[3 | 4, rows, L]``). Pixel inputs (read only at the prefill: a decoding step has no image tokens) and
+            other tensors (flattened image inputs) are dropped.
+        index: ``[n]`` long, the rows to take (repeats allowed).
+        rows: Rows of the per-row tensors in ``kwargs``.
+
+    Returns:
+        The kwargs for ``n`` rows.
+    """
+    out: dict[str, Any] = {}
+    for key, value in kwargs.items():
+        if key in ("past_key_values", "cache_position") or not isinstance(value, torch.Tensor):
+            out[key] = value
+        elif key.startswith("pixel_values"):
+            continue
+        elif key == "position_ids" and value.dim() == 3:
+            out[key] = value.index_select(1, index.to(value.device))  # [4 | 3, n, L]
+        elif value.dim() >= 1 and value.shape[0] == rows:
+            out[key] = value.index_select(0, index.to(value.device))  # [n, ...]
+    return out
+
+
+def row_cache(cache: Any, part: slice) -> Any:
+    """A cache holding only the rows ``part`` of ``cache`` (new layer objects; ``cache`` unchanged)."""
+    row = copy.copy(cache)
+    row.layers = [copy.copy(layer) for layer in cache.layers]
+    for layer in row.layers:
+        if layer.is_initialized:
+            layer.batch_select_indices(torch.arange(part.start, part.stop, device=layer.keys.device))
+    return row
+
+
+def mark_cache(cache: Any) -> list[dict[str, Any]]:
+    """The cache layers' state for ``restore_cache`` (tensor references: updates replace tensors, never write)."""
+    return [dict(vars(layer)) for layer in cache.layers]
+
+
+def restore_cache(cache: Any, marks: list[dict[str, Any]]) -> None:
+    """Put back the layers' state ``marks`` recorded by ``mark_cache``."""
+    for layer, state in zip(cache.layers, marks, strict=True):
+        vars(layer).clear()
+        vars(layer).update(state)
 
 
 def fill_value(gen: Any) -> Any:

@@ -1,7 +1,9 @@
-"""OPERA's decoding loop, run by ``model.generate(custom_generate=...)`` after generate's own input preparation.
+"""OPERA's search on one batch row: a generator asking for forwards (``opera_batch`` drives the rows together).
 
-One batched prefill (generate's ``_prefill``), then each batch row is searched alone on its slice of the cache: a
-rollback moves a row back to its own length, which a shared cache cannot hold. The beam bookkeeping (top-``2K``
+Each batch row is searched on its own slice of the cache (a rollback moves a row back to its own length, which a
+shared cache cannot hold). A step feeds the ``K * C`` candidate rows in one forward; the chosen continuations are
+among them, so their cache rows, logits and attention rows are kept and no other forward is needed (a redo step
+after a rollback, or a dead beam's token that is no candidate, is fed as usual). The beam bookkeeping (top-``2K``
 continuations, finished hypotheses with the length penalty, the early-stopping heuristic) follows transformers'
 vectorised ``_beam_search`` step for step, so with no penalty, no rollback and every token a candidate the search
 returns what ``model.generate(num_beams=K)`` returns. Every model call goes through the model's own
@@ -10,8 +12,8 @@ returns what ``model.generate(num_beams=K)`` returns. Every model call goes thro
 
 from __future__ import annotations
 
-import copy
 from collections import deque
+from collections.abc import Generator
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
@@ -19,132 +21,24 @@ import torch
 import torch.nn.functional as F
 
 from halludec.decoding.opera import (
-    IMAGE_KEY,
-    ROWS_KEY,
     RowResult,
-    assemble,
     candidate_scores,
-    check_cache,
-    check_generation,
     column_scores,
     fill_value,
     log_columns,
+    mark_cache,
     normalised_rows,
+    restore_cache,
     smallest_mode,
+    take_rows,
 )
 
 if TYPE_CHECKING:
     from halludec.decoding.context import CallContext
-    from halludec.decoding.opera import OPERA, OPERAConfig
+    from halludec.decoding.opera import OPERAConfig
+    from halludec.decoding.opera_batch import Request, Search
 
 NEG = -1.0e9  # transformers' beam search masks with this value
-
-
-def make_decoder(strategy: OPERA, call: CallContext) -> Any:
-    """The ``custom_generate`` callable running OPERA's search for ``strategy`` in ``call``."""
-
-    def opera_decode(
-        model: Any,
-        input_ids: torch.LongTensor,
-        logits_processor: Any,
-        stopping_criteria: Any,
-        generation_config: Any,
-        synced_gpus: bool = False,
-        streamer: Any = None,
-        **model_kwargs: Any,
-    ) -> Any:
-        return decode(
-            model,
-            input_ids,
-            logits_processor,
-            stopping_criteria,
-            generation_config,
-            model_kwargs,
-            call,
-            strategy.config,
-        )
-
-    return opera_decode
-
-
-def decode(
-    model: Any,
-    input_ids: torch.Tensor,
-    processors: Any,
-    stopping: Any,
-    gen: Any,
-    model_kwargs: dict[str, Any],
-    call: CallContext,
-    config: OPERAConfig,
-) -> Any:
-    """Prefill every row, search each row, and return what ``generate`` returns (sequences or a beam output).
-
-    Args:
-        model: The model (``generate``'s ``self``).
-        input_ids: ``[B * K, L]`` prompts expanded for the beams.
-        processors: generate's logits processors (applied to log-probabilities, as in its beam search).
-        stopping: generate's stopping criteria.
-        gen: The resolved ``GenerationConfig``.
-        model_kwargs: generate's prepared model kwargs (cache, mask, positions, image inputs).
-        call: The halludec call context.
-        config: OPERA's config.
-
-    Returns:
-        ``LongTensor [B * R, L + g]``, or ``GenerateBeamDecoderOnlyOutput`` with ``return_dict_in_generate``.
-    """
-    check_generation(gen, model_kwargs)
-    beams = gen.num_beams
-    rows = input_ids.shape[0]
-    call.state[IMAGE_KEY] = call.image_mask  # [B, L]; each row's search narrows it to its own row
-    out = model._prefill(input_ids, gen, model_kwargs)
-    model_kwargs = model._update_model_kwargs_for_generation(out, model_kwargs)
-    check_cache(model_kwargs.get("past_key_values"))
-    logits = out.logits[:, -1, :].to(copy=True, dtype=torch.float32, device=input_ids.device)  # [B * K, V]
-    del out
-    results = []
-    for start in range(0, rows, beams):
-        part = slice(start, start + beams)
-        kwargs = model_kwargs if rows == beams else _row_kwargs(model_kwargs, part, rows)
-        search = RowSearch(model, call, config, gen, processors, stopping, kwargs, start)
-        results.append(search.run(input_ids[part], logits[part]))
-    cache = model_kwargs["past_key_values"] if rows == beams else None
-    return assemble(results, gen, beams, fill_value(gen), cache)
-
-
-def _row_kwargs(kwargs: dict[str, Any], part: slice, rows: int) -> dict[str, Any]:
-    """One batch row's model kwargs: its cache rows, mask, positions; image inputs (read at the prefill) dropped."""
-    out: dict[str, Any] = {}
-    for key, value in kwargs.items():
-        if key == "past_key_values":
-            out[key] = _row_cache(value, part)
-        elif not isinstance(value, torch.Tensor):
-            out[key] = value
-        elif key == "position_ids" and value.dim() == 3:
-            out[key] = value[:, part]  # [4 | 3, K, L]
-        elif value.dim() >= 1 and value.shape[0] == rows:
-            out[key] = value[part]
-    return out
-
-
-def _row_cache(cache: Any, part: slice) -> Any:
-    """A cache holding only the rows ``part`` of ``cache`` (new layer objects; ``cache`` unchanged)."""
-    row = copy.copy(cache)
-    row.layers = [copy.copy(layer) for layer in cache.layers]
-    for layer in row.layers:
-        if layer.is_initialized:
-            layer.batch_select_indices(torch.arange(part.start, part.stop, device=layer.keys.device))
-    return row
-
-
-def _mark(cache: Any) -> list[dict[str, Any]]:
-    """The cache layers' state (tensor references: updates replace the tensors, never write into them)."""
-    return [dict(vars(layer)) for layer in cache.layers]
-
-
-def _restore(cache: Any, marks: list[dict[str, Any]]) -> None:
-    for layer, state in zip(cache.layers, marks, strict=True):
-        vars(layer).clear()
-        vars(layer).update(state)
 
 
 def _gather(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -220,12 +114,13 @@ class RowSearch:
         eos = gen._eos_token_tensor
         self.keep = max(2, 1 + (eos.shape[0] if eos is not None else 0)) * gen.num_beams
         self.record = gen.return_dict_in_generate and gen.output_scores
-        row = offset // gen.num_beams
-        call.state[IMAGE_KEY] = call.image_mask[row : row + 1]  # [1, L]: read by the attention recorder
+        self.rows: tuple[torch.Tensor, torch.Tensor] | None = None  # the last forward's recorded attention rows
+        self.fed: tuple | None = None  # this step's batched candidate forward: (marks, output, rows, candidates)
 
     # -------------------------------------------------------------------------------------------- main loop
-    def run(self, input_ids: torch.Tensor, logits: torch.Tensor) -> RowResult:
-        """Search from the prefill's ``logits [K, V]`` for prompts ``input_ids [K, L]``."""
+    def run(self, input_ids: torch.Tensor, logits: torch.Tensor) -> Search:
+        """Search from the prefill's ``logits [K, V]`` for prompts ``input_ids [K, L]``: a generator yielding
+        forward requests (see ``opera_batch.run_searches``) and returning the row's result."""
         cfg, k, vocab = self.cfg, input_ids.shape[0], logits.shape[-1]
         self.prompt_len = length = input_ids.shape[1]
         self.device = logits.device
@@ -236,7 +131,7 @@ class RowSearch:
         history: deque[Snapshot] = deque(maxlen=cfg.window + 1)
         rejects: dict[int, torch.Tensor] = {}
         rollbacks: dict[int, int] = {}
-        prompt = (_mark(self.cache), dict(self.kw)) if roll else None
+        prompt = (mark_cache(self.cache), dict(self.kw)) if roll else None
         scores: list[torch.Tensor] = []
         raw: list[torch.Tensor] = []
         redo: torch.Tensor | None = None
@@ -252,12 +147,13 @@ class RowSearch:
             else:
                 top, cand = processed.topk(min(cfg.num_attn_candidates, vocab), dim=-1)  # [K, C]
                 if reads:
-                    penalty, loc = self._candidates(seqs, cand, colsum, t)  # [K, C] each
+                    penalty, loc = yield from self._candidates(seqs, cand, colsum, t)  # [K, C] each
                     locs = torch.cat([locs, smallest_mode(loc, t + 1)[:, None]], dim=1)  # [K, t + 1]
                     if roll:
                         history.append(Snapshot(t, b.clone(), locs.clone(), len(scores)))
                     if roll and (pos := self._rollback_position(locs, t, rollbacks, history)) is not None:
-                        b, locs, colsum, logits, redo = self._rollback(pos, history, rejects, prompt)
+                        b, locs, refeed, redo = self._rollback(pos, history, rejects, prompt)
+                        colsum, logits = yield from refeed
                         del scores[history[-1].n_out :], raw[history[-1].n_out :]
                         continue
                     if cfg.penalty_weights > 0:
@@ -272,11 +168,16 @@ class RowSearch:
                 history[-1].choice = source * vocab + token
             if done:
                 break
-            self.cache.reorder_cache(source)
             colsum, locs = colsum[source], locs[source]
-            logits, row = self._feed(b.seqs[0, :, : b.cur_len], reads)
+            kept = self._keep(source, token) if self.fed is not None else None
+            if kept is None:  # no candidate forward this step (or a chosen token was no candidate): feed them
+                self.cache.reorder_cache(source)
+                kept = yield from self._feed(b.seqs[0, :, : b.cur_len], reads)
+            logits, row = kept
             if reads:
                 colsum = F.pad(colsum, (0, 1)) + log_columns(row[:, -(t + 1) :], cfg.scale_factor)  # [K, t + 1]
+        if self.fed is not None:
+            restore_cache(self.cache, self.fed[0])
         return self._result(b, scores, raw)
 
     def _init(self, input_ids: torch.Tensor) -> Beams:
@@ -300,35 +201,85 @@ class RowSearch:
         )
 
     # ------------------------------------------------------------------------------------------ model calls
-    def _forward(self, seqs: torch.Tensor, kwargs: dict[str, Any]) -> Any:
-        inputs = self.model.prepare_inputs_for_generation(seqs, next_sequence_length=1, **kwargs)
-        return self.model(**inputs, return_dict=True)
+    def _forward(self, seqs: torch.Tensor, kwargs: dict[str, Any]) -> Generator[Request, Any, Any]:
+        """Ask for a forward of ``seqs`` (the last token fed) with ``kwargs``; returns the model output."""
+        out, self.rows = yield seqs, kwargs
+        return out
 
     def _row(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The recorded last row: normalised attention ``[K, keys]`` and its image mass ``[K]``."""
-        top, image = self.call.state[ROWS_KEY]  # [K, q, keys], [K, q]
+        top, image = self.rows  # [K, q, keys], [K, q]
         top, image = top[:, -1].float().to(self.device), image[:, -1].float().to(self.device)  # the layer's device
         return normalised_rows(top), image / top.sum(-1).clamp_min(torch.finfo(torch.float32).tiny)
 
-    def _feed(self, seqs: torch.Tensor, reads: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _feed(self, seqs: torch.Tensor, reads: bool) -> Generator[Request, Any, tuple]:
         """Feed each beam's last token: the next logits ``[K, V]`` and (when read) its attention row."""
-        out = self._forward(seqs, self.kw)
+        out = yield from self._forward(seqs, self.kw)
         self.kw = self.model._update_model_kwargs_for_generation(out, self.kw)
         logits = out.logits[:, -1, :].to(copy=True, dtype=torch.float32, device=seqs.device)  # [K, V]
         return logits, (self._row()[0] if reads else None)
 
-    def _candidates(self, seqs: torch.Tensor, cand: torch.Tensor, colsum: torch.Tensor, t: int) -> tuple:
-        """Feed every candidate once (cache rewound after each): its over-trust penalty and location ``[K, C]``."""
-        marks = _mark(self.cache)
+    def _candidates(self, seqs: torch.Tensor, cand: torch.Tensor, colsum: torch.Tensor, t: int) -> Generator:
+        """Feed every candidate in one forward of ``K * C`` rows (beam ``k``'s candidate ``c`` in row ``k * C + c``,
+        on the beam's cache rows repeated ``C`` times; the cache keeps those rows until ``_keep`` picks the chosen
+        ones): each candidate's over-trust penalty and location ``[K, C]``. Composed with other strategies (their
+        per-row state, side-branch rows laid out for ``K`` main rows): one forward of the ``K`` beam rows per
+        candidate instead, the cache rewound after each."""
+        if len(self.call.strategies) > 1:
+            return (yield from self._candidates_serial(seqs, cand, colsum, t))
+        k, c = cand.shape
+        marks = mark_cache(self.cache)
+        index = torch.arange(k, device=cand.device).repeat_interleave(c)  # [K * C]: beam of each candidate row
+        for layer in self.cache.layers:
+            if layer.is_initialized:
+                layer.batch_select_indices(index.to(layer.keys.device))  # new tensors; ``marks`` keeps the old
+        ids = torch.cat([seqs.index_select(0, index), cand.reshape(-1, 1)], dim=1)  # [K * C, cur_len + 1]
+        try:
+            out = yield from self._forward(ids, take_rows(self.kw, index, k))
+        except BaseException:
+            restore_cache(self.cache, marks)
+            raise
+        row, image = self._row()  # [K * C, keys], [K * C]
+        self.fed = (marks, out, row, cand)  # the chosen continuations are among these rows: ``_keep``
+        rows = row[:, -(t + 1) :].reshape(k, c, t + 1)  # the response tokens, the candidate last
+        score, loc = column_scores(colsum, rows, self.cfg.scale_factor, self.cfg.fp16_scores)
+        if t + 1 <= self.cfg.early_tokens:  # the first tokens: a bonus for attending to the image instead
+            score = -image.reshape(k, c)  # [K, C]
+        return score, loc
+
+    def _keep(self, source: torch.Tensor, token: torch.Tensor) -> tuple | None:
+        """After the batched candidate forward, the chosen continuations (beam ``source [K]``, ``token [K]``) were
+        fed already: keep their cache rows, and return their next logits ``[K, V]`` and attention rows (what
+        ``_feed`` would compute). None (the cache put back) where a chosen token is no candidate (a dead beam)."""
+        marks, out, row, cand = self.fed
+        self.fed = None
+        hit = cand[source] == token[:, None]  # [K, C]
+        if not bool(hit.any(-1).all()):
+            restore_cache(self.cache, marks)
+            return None
+        pick = source * cand.shape[1] + hit.int().argmax(-1)  # [K]: the candidate rows of the chosen continuations
+        for layer in self.cache.layers:
+            if layer.is_initialized:
+                layer.batch_select_indices(pick.to(layer.keys.device))  # [K, H, S + 1, d]
+        self.kw = self.model._update_model_kwargs_for_generation(out, self.kw)
+        logits = out.logits[pick.to(out.logits.device), -1, :]  # [K, V]
+        return logits.to(copy=True, dtype=torch.float32, device=self.device), row[pick]
+
+    def _candidates_serial(self, seqs: torch.Tensor, cand: torch.Tensor, colsum: torch.Tensor, t: int) -> Generator:
+        """``_candidates`` one candidate at a time: ``C`` forwards of the ``K`` beam rows, the cache rewound after
+        each (what composed strategies see as ``C`` decoding steps of ``K`` rows)."""
+        marks = mark_cache(self.cache)
         rows, images = [], []
         for c in range(cand.shape[1]):
-            self._forward(torch.cat([seqs, cand[:, c : c + 1]], dim=1), self.kw)
-            _restore(self.cache, marks)
+            try:
+                yield from self._forward(torch.cat([seqs, cand[:, c : c + 1]], dim=1), self.kw)
+            finally:
+                restore_cache(self.cache, marks)
             row, image = self._row()
             rows.append(row[:, -(t + 1) :])  # [K, t + 1]: the response tokens, the candidate last
             images.append(image)
         score, loc = column_scores(colsum, torch.stack(rows, 1), self.cfg.scale_factor, self.cfg.fp16_scores)
-        if t + 1 <= self.cfg.early_tokens:  # the first tokens: a bonus for attending to the image instead
+        if t + 1 <= self.cfg.early_tokens:
             score = -torch.stack(images, 1)  # [K, C]
         return score, loc
 
@@ -352,23 +303,31 @@ class RowSearch:
         return target
 
     def _rollback(self, pos: int, history: deque, rejects: dict[int, torch.Tensor], prompt: tuple) -> tuple:
-        """Go back to step ``pos``: its beams, the cache rebuilt from the prompt, earlier choices there excluded."""
+        """Go back to step ``pos``: its beams, the cache put back to the prompt's, earlier choices there excluded.
+
+        Returns:
+            ``(beams, locations [K, pos + 1], refeed, excluded [n])``; ``refeed`` is a generator feeding the
+            response tokens ``0 .. pos - 1`` again, returning ``(colsum [K, pos], logits [K, V])``.
+        """
         while history[-1].t > pos:
             history.pop()
         snap = history[-1]
         rejects[pos] = torch.cat([r for r in (rejects.get(pos), snap.choice) if r is not None])
         for later in [p for p in rejects if p > pos]:
             del rejects[later]
-        b, length = snap.beams.clone(), self.prompt_len
+        b, self.fed = snap.beams.clone(), None
         marks, kwargs = prompt
-        _restore(self.cache, marks)
+        restore_cache(self.cache, marks)
         self.kw = dict(kwargs)
-        reads = self.cfg.reads_attention
-        colsum = b.scores.new_zeros(b.seqs.shape[1], 0)  # [K, 0]
+        return b, snap.locs.clone(), self._refeed(b, pos), rejects[pos]
+
+    def _refeed(self, b: Beams, pos: int) -> Generator[Request, Any, tuple]:
+        """Feed the first ``pos`` response tokens of ``b`` from the prompt's cache: ``(colsum, logits)``."""
+        colsum, length = b.scores.new_zeros(b.seqs.shape[1], 0), self.prompt_len  # [K, 0]
         for j in range(pos):  # one token at a time: every forward looks like a decoding step to other strategies
-            logits, row = self._feed(b.seqs[0, :, : length + j + 1], reads)
+            logits, row = yield from self._feed(b.seqs[0, :, : length + j + 1], self.cfg.reads_attention)
             colsum = F.pad(colsum, (0, 1)) + log_columns(row[:, -(j + 1) :], self.cfg.scale_factor)  # [K, j + 1]
-        return b, snap.locs.clone(), colsum, logits, rejects[pos]
+        return colsum, logits
 
     # ---------------------------------------------------------------------------------------- beam steps
     def _advance(self, b: Beams, step: torch.Tensor, scores: list[torch.Tensor]) -> tuple:
