@@ -117,3 +117,47 @@ def assert_batch_equals_singles(model, processor, family, strategy, questions, a
             finite = torch.isfinite(a[row])
             assert torch.equal(finite, torch.isfinite(b[0]))
             torch.testing.assert_close(a[row][finite], b[0][finite], atol=atol, rtol=atol)
+
+
+def recording(cls: type[Strategy]) -> type[Strategy]:
+    """A subclass of the logits strategy ``cls`` that keeps the side logits it saw at the prefill (``prefill_side``)."""
+
+    class Recording(cls):
+        def edit_logits(self, logits, ctx):
+            if not hasattr(self, "prefill_side"):  # the first call is the prefill
+                self.prefill_side = [s.clone() for s in ctx.side]
+            return super().edit_logits(logits, ctx)
+
+    Recording.__name__ = Recording.__qualname__ = f"Recording{cls.__name__}"
+    return Recording
+
+
+def assert_neutral_then_active(model, processor, batch, neutrals, active, **generate_kwargs):
+    """Each ``neutrals`` strategy gives plain ``generate``'s tokens; ``active`` changes the scores; model restored.
+
+    Returns:
+        ``(plain, active_output)``, both with scores (``generate_kwargs`` must request them).
+    """
+    before = snapshot(model)
+    plain = model.generate(**batch, **generate_kwargs)
+    for neutral in neutrals:
+        out = halludec_generate(model, batch, neutral, processor, **generate_kwargs)
+        assert torch.equal(plain.sequences, out.sequences), f"{neutral!r} is not plain generate"
+    out = halludec_generate(model, batch, active, processor, **generate_kwargs)
+    assert any(not torch.allclose(a, b) for a, b in zip(plain.scores, out.scores, strict=True))
+    assert_same_snapshot(before, snapshot(model))
+    return plain, out
+
+
+def halludec_generate(model, batch, strategy, processor, **generate_kwargs):
+    import halludec
+
+    return halludec.generate(model, batch, strategy, processor=processor, **generate_kwargs)
+
+
+def fresh_last_logits(model, adapter, batch, side):
+    """Last-position logits of plain forwards on the main inputs and on a side input: ``(main, side)``."""
+    with torch.no_grad():
+        fresh_side = model(**side, position_ids=adapter.position_ids_for(side)).logits[:, -1]
+        fresh_main = model(**batch).logits[:, -1]
+    return fresh_main, fresh_side

@@ -17,7 +17,14 @@ from halludec.decoding.icd import ICD, PAPER_PREFIX, RELEASED_PREFIX, icd_combin
 from halludec.decoding.side import LogitsContext
 from halludec.tiny import tiny_batch
 from tests.conftest import QUESTIONS, REQUIRED_FAMILIES, tiny
-from tests.helpers import assert_batch_equals_singles, assert_same_snapshot, snapshot
+from tests.helpers import (
+    assert_batch_equals_singles,
+    assert_neutral_then_active,
+    assert_same_snapshot,
+    fresh_last_logits,
+    recording,
+    snapshot,
+)
 
 GREEDY = {"max_new_tokens": 4, "min_new_tokens": 4, "do_sample": False}
 SCORES = {"output_scores": True, "return_dict_in_generate": True}
@@ -120,35 +127,18 @@ def test_missing_processor_is_a_clear_error():
     )
 
 
-class RecordingICD(ICD):
-    """ICD that keeps the side logits it received at the prefill."""
-
-    def edit_logits(self, logits, ctx):
-        if not hasattr(self, "prefill_side"):  # the first call is the prefill
-            self.prefill_side = [s.clone() for s in ctx.side]
-        return super().edit_logits(logits, ctx)
-
-
 @pytest.mark.parametrize("family", REQUIRED_FAMILIES)
 def test_neutral_active_side_logits_batch_and_restore(family):
     model, processor = tiny(family)
     adapter = halludec.get_adapter(model)
     batch = tiny_batch(processor, family, QUESTIONS, seed=0)
     before = snapshot(model)
-    plain = model.generate(**batch, **GREEDY, **SCORES)
-    neutral = halludec.generate(model, batch, ICD(**NEUTRAL), processor=processor, **GREEDY)
-    assert torch.equal(plain.sequences, neutral)
-
-    strategy = RecordingICD(plausibility_beta=0.0)
-    active = halludec.generate(model, batch, strategy, processor=processor, **GREEDY, **SCORES)
-    assert any(not torch.allclose(a, b) for a, b in zip(plain.scores, active.scores, strict=True))
-    assert_same_snapshot(before, snapshot(model))
+    strategy = recording(ICD)(plausibility_beta=0.0)
+    _, active = assert_neutral_then_active(model, processor, batch, [ICD(**NEUTRAL)], strategy, **GREEDY, **SCORES)
 
     # The side logits at the prefill equal a fresh forward on the disturbed prompt; the first scores are the contrast.
     side = tiny_batch(processor, family, [f"{PAPER_PREFIX} {q}" for q in QUESTIONS], seed=0)
-    with torch.no_grad():
-        fresh_side = model(**side, position_ids=adapter.position_ids_for(side)).logits[:, -1]
-        fresh_main = model(**batch).logits[:, -1]
+    fresh_main, fresh_side = fresh_last_logits(model, adapter, batch, side)
     torch.testing.assert_close(strategy.prefill_side[0], fresh_side, atol=1e-4, rtol=1e-4)
     finite = active.scores[0].isfinite()  # min_new_tokens sets EOS to -inf
     expected = icd_combine(fresh_main, fresh_side, 1.0, 0.0)

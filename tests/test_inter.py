@@ -11,7 +11,7 @@ from halludec.decoding.inter import INTER, inter_combine
 from halludec.decoding.side import LogitsContext
 from halludec.tiny import available_tiny_families, tiny_batch
 from tests.conftest import QUESTIONS, REQUIRED_FAMILIES, tiny
-from tests.helpers import assert_same_snapshot, snapshot
+from tests.helpers import assert_neutral_then_active, assert_same_snapshot, recording, snapshot
 
 GREEDY = {"max_new_tokens": 4, "min_new_tokens": 4, "do_sample": False}
 SCORES = {"output_scores": True, "return_dict_in_generate": True}
@@ -81,29 +81,14 @@ def test_zeros_null_is_refused_where_zero_images_are_padding():
         halludec.generate(model, batch, INTER(image_null="zeros"), processor=processor, max_new_tokens=2)
 
 
-class RecordingINTER(INTER):
-    """INTER that keeps the side logits it received at the prefill."""
-
-    def edit_logits(self, logits, ctx):
-        if ctx.step == 0:
-            self.prefill_side = [s.clone() for s in ctx.side]
-        return super().edit_logits(logits, ctx)
-
-
 @pytest.mark.parametrize("family", REQUIRED_FAMILIES)
 def test_neutral_active_side_logits_batch_and_restore(family):
     model, processor = tiny(family)
     adapter = halludec.get_adapter(model)
     batch = tiny_batch(processor, family, QUESTIONS, seed=0)
     before = snapshot(model)
-    plain = model.generate(**batch, **GREEDY, **SCORES)
-    neutral = halludec.generate(model, batch, INTER(**NEUTRAL), processor=processor, **GREEDY)
-    assert torch.equal(plain.sequences, neutral)
-
-    strategy = RecordingINTER(**ACTIVE)
-    active = halludec.generate(model, batch, strategy, processor=processor, **GREEDY, **SCORES)
-    assert any(not torch.allclose(a, b) for a, b in zip(plain.scores, active.scores, strict=True))
-    assert_same_snapshot(before, snapshot(model))
+    strategy = recording(INTER)(**ACTIVE)
+    _, active = assert_neutral_then_active(model, processor, batch, [INTER(**NEUTRAL)], strategy, **GREEDY, **SCORES)
 
     # The three branches: null image (same prompt), question removed (image kept), both; one null-image draw.
     with halludec.apply(model, strategy, batch, processor=processor) as call:

@@ -15,7 +15,14 @@ from halludec.decoding.m3id import M3ID, MAX_WEIGHT, m3id_combine, m3id_weight
 from halludec.decoding.side import LogitsContext
 from halludec.tiny import tiny_batch
 from tests.conftest import QUESTIONS, REQUIRED_FAMILIES, tiny
-from tests.helpers import assert_batch_equals_singles, assert_same_snapshot, snapshot
+from tests.helpers import (
+    assert_batch_equals_singles,
+    assert_neutral_then_active,
+    assert_same_snapshot,
+    fresh_last_logits,
+    recording,
+    snapshot,
+)
 
 GREEDY = {"max_new_tokens": 4, "min_new_tokens": 4, "do_sample": False}
 SCORES = {"output_scores": True, "return_dict_in_generate": True}
@@ -78,37 +85,21 @@ def test_config_validation():
     assert "m3id" in halludec.list_strategies()
 
 
-class RecordingM3ID(M3ID):
-    """M3ID that keeps the side logits it received at the prefill."""
-
-    def edit_logits(self, logits, ctx):
-        if not hasattr(self, "prefill_side"):  # the first call is the prefill
-            self.prefill_side = [s.clone() for s in ctx.side]
-        return super().edit_logits(logits, ctx)
-
-
 @pytest.mark.parametrize("family", REQUIRED_FAMILIES)
 def test_neutral_active_side_logits_batch_and_restore(family):
     model, processor = tiny(family)
     adapter = halludec.get_adapter(model)
     batch = tiny_batch(processor, family, QUESTIONS, seed=0)
     before = snapshot(model)
-    plain = model.generate(**batch, **GREEDY, **SCORES)
-    for neutral in ({"lam": 0.0}, {"alpha": 0.0}):
-        assert torch.equal(plain.sequences, halludec.generate(model, batch, M3ID(**neutral), **GREEDY))
-
-    strategy = RecordingM3ID(**ACTIVE)
-    active = halludec.generate(model, batch, strategy, **GREEDY, **SCORES)
-    assert any(not torch.allclose(a, b) for a, b in zip(plain.scores, active.scores, strict=True))
-    assert_same_snapshot(before, snapshot(model))
+    strategy = recording(M3ID)(**ACTIVE)
+    neutrals = [M3ID(lam=0.0), M3ID(alpha=0.0)]
+    _, active = assert_neutral_then_active(model, None, batch, neutrals, strategy, **GREEDY, **SCORES)
 
     # The side logits at the prefill equal a fresh forward on the image-free prompt; the first scores are M3ID's.
     side = adapter.text_only_inputs(batch)
     assert not adapter.image_mask(side["input_ids"]).any()
     assert "pixel_values" not in side
-    with torch.no_grad():
-        fresh_side = model(**side, position_ids=adapter.position_ids_for(side)).logits[:, -1]
-        fresh_main = model(**batch).logits[:, -1]
+    fresh_main, fresh_side = fresh_last_logits(model, adapter, batch, side)
     torch.testing.assert_close(strategy.prefill_side[0], fresh_side, atol=1e-4, rtol=1e-4)
     finite = active.scores[0].isfinite()  # min_new_tokens sets EOS to -inf
     expected = m3id_combine(fresh_main, fresh_side, m3id_weight(0.5, 0), 1.0)
