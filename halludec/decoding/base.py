@@ -140,7 +140,12 @@ class Strategy:
         return []
 
     def side_inputs(self, call: CallContext) -> list[Mapping[str, Any]]:
-        """Side-branch inputs (same rows as the main inputs), batched with the main forward. Default: none."""
+        """Side-branch inputs (same rows as the main inputs), batched with the main forward. Default: none.
+
+        The core prefills the side inputs after the main rows' prefill and uses their tensors as given (no copy): a
+        strategy may fill a tensor of its own side input from what it reads during the main prefill (AGLA builds its
+        masked local view that way); ``tests/test_agla.py`` guards this ordering.
+        """
         return []
 
     def search(self, call: CallContext, generate_kwargs: dict[str, Any]) -> Any:

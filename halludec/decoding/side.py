@@ -142,6 +142,8 @@ class SideBranches:
             out = forward(**kwargs)
             work = cache
         side_caches, masks, deltas, logits = [], [], [], []
+        # Contract (Strategy.side_inputs): the side inputs are read only now, after the main rows' prefill, and as
+        # given (not copied), so a strategy may fill a tensor of its side input during that prefill (AGLA's local view).
         self.call.suspended = True  # side branches run the plain model
         try:
             for branch in self.branches:
