@@ -126,7 +126,7 @@ def test_sinks_frozen_at_prefill_used_at_decode_beam_and_static_cache():
         assert set(call.plans) == {1, 2}
         assert call.plans[1].rows == "all"
         dynamic = model.generate(**batch, **KW)
-        state = call.state[strategy._key]
+        state = call.state[strategy.state_key]
         length = batch["input_ids"].shape[1]
         assert state.sinks[1].shape == (2, 4, length)
         assert state.sinks[1].any()
@@ -151,7 +151,7 @@ def test_head_sets_profile_and_errors(tmp_path):
     save_profile(HeadProfile.for_model(model, table, "image_attention", data="synthetic"), path)
     strategy = halludec.get_strategy("act", profile=str(path), profile_k=3 / 16)
     with halludec.apply(model, strategy, batch) as call:
-        state = call.state[strategy._key]
+        state = call.state[strategy.state_key]
         assert set(state.heads) == {2}  # top-3 heads, restricted to the band 2..2 of a 4-layer model
         assert state.heads[2].tolist() == [False, False, True, False]
     narrow = halludec.get_strategy("act", profile=str(path), profile_k=1 / 16)

@@ -137,7 +137,7 @@ def test_external_relevance_masks_the_irrelevant_half(family):
 
     s = AGLA(relevance_fn=relevance, mask_ratio=0.55, blur=0.0)
     with halludec.apply(model, s, batch, processor=processor) as call:
-        local = call.state[s._key].pixels
+        local = call.state[s.state_key].pixels
     assert seen["questions"] == QUESTIONS[:1]  # located in the prompt through the processor
     original, masked = _plane(family, batch, local)
     black = -torch.tensor(processor.image_processor.image_mean) / torch.tensor(processor.image_processor.image_std)
@@ -151,7 +151,7 @@ def test_external_relevance_masks_the_irrelevant_half(family):
     noise = torch.rand(1, *size, generator=torch.Generator().manual_seed(0))
     s = AGLA(relevance_fn=lambda i, q: (noise, torch.tensor([0.6])), blur=0.0)
     with halludec.apply(model, s, batch, processor=processor) as call:
-        _, masked = _plane(family, batch, call.state[s._key].pixels)
+        _, masked = _plane(family, batch, call.state[s.state_key].pixels)
     kept = (masked != black.view(3, 1, 1)).any(0).float().mean()
     assert abs(float(kept) - 0.7) < 0.01
 
@@ -173,7 +173,7 @@ def test_attention_variant_reads_the_prefill_and_feeds_the_local_branch(family):
     s = RecordingAGLA(relevance_layers=(1, 2))
     with halludec.apply(model, s, batch, processor=processor) as call:
         model.generate(**batch, max_new_tokens=1, do_sample=False)
-        state, spans = call.state[s._key], call.query_spans
+        state, spans = call.state[s.state_key], call.query_spans
     model.set_attn_implementation("eager")
     with torch.no_grad():
         att = model(**batch, output_attentions=True).attentions

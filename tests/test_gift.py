@@ -22,7 +22,7 @@ KW = {"max_new_tokens": 5, "min_new_tokens": 5, "do_sample": False}
 
 
 def _plan(call, strategy):
-    return call.state[("gift", id(strategy))]
+    return call.state[strategy.state_key]
 
 
 # ------------------------------------------------------------------------------------------ Stage A (math)

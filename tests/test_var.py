@@ -166,7 +166,7 @@ def test_var_with_found_dims_on_planted_model():
             warnings.simplefilter("always")
             with halludec.apply(model, strategy, batch) as call:
                 out = model.generate(**batch, **KW, **SCORES)
-                state = call.state[strategy._key]
+                state = call.state[strategy.state_key]
     finally:
         handle.remove()
     assert any("finder found [5, 17]" in str(w.message) for w in caught)
@@ -212,7 +212,7 @@ def test_active_changes_output_and_restores(family):
     strategy = halludec.get_strategy("var", **ACTIVE)
     with halludec.apply(model, strategy, batch) as call:
         active = model.generate(**batch, **KW, **SCORES)
-        sinks = dict(call.state[strategy._key].sinks)
+        sinks = dict(call.state[strategy.state_key].sinks)
     assert max_score_diff(plain, active) > 1e-4
     assert sinks
     assert all(s.shape == batch["input_ids"].shape for s in sinks.values())
@@ -310,6 +310,6 @@ def test_known_sink_dims_lookup(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no finder, no warning
         with halludec.apply(model, strategy, batch) as call:
-            state = call.state[strategy._key]
+            state = call.state[strategy.state_key]
             assert state.dims == (0, 1, 2, 3)
             assert state.source.startswith("known")

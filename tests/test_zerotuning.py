@@ -79,7 +79,7 @@ def test_initial_token_beam_sampling_static_cache():
     with halludec.apply(model, strategy, batch) as call:
         assert set(call.plans) == {0, 3}
         assert call.plans[0].rows == "all"
-        state = call.state[strategy._key]
+        state = call.state[strategy.state_key]
         first = batch["attention_mask"].argmax(-1)
         assert state.initial.nonzero().tolist() == [[0, first[0].item()], [1, first[1].item()]]
         assert first.tolist() != [0, 0]  # the batch is left-padded
@@ -110,7 +110,7 @@ def test_profile_heads_and_profile_rule(tmp_path):
     strategy = halludec.get_strategy("zerotuning", profile=str(path), gamma=0.5)
     with halludec.apply(model, strategy, batch) as call:
         table = torch.ones(4, 4)
-        for layer, scales in call.state[strategy._key].gammas.items():
+        for layer, scales in call.state[strategy.state_key].gammas.items():
             table[layer] = scales.cpu()
     torch.testing.assert_close(table, head_gammas(gains, 0.5, "dominant"))
     up, down = int((gains > 0).sum()), int((gains < 0).sum())

@@ -203,13 +203,9 @@ class ACT(Strategy):
     attention_rows = "all"
     paper = "https://arxiv.org/abs/2406.15765"
 
-    @property
-    def _key(self) -> str:
-        return f"act:{id(self)}"
-
     def prepare(self, call: CallContext) -> None:
         state = _ACTState()
-        call.state[self._key] = state
+        call.state[self.state_key] = state
         if self.config.keep_frac == 1.0:
             return
         mask = self._head_mask(call.adapter)  # [L, H] bool
@@ -254,10 +250,10 @@ class ACT(Strategy):
         return band
 
     def attention_layers(self, call: CallContext) -> set[int]:
-        return set(call.state[self._key].heads)
+        return set(call.state[self.state_key].heads)
 
     def edit_probs(self, probs: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
-        state: _ACTState = ctx.call.state[self._key]
+        state: _ACTState = ctx.call.state[self.state_key]
         layer = ctx.layer_idx
         length = ctx.call.prompt_len
         if ctx.q_len == length and probs.shape[2] == length:  # the prefill: find this layer's sinks

@@ -190,10 +190,6 @@ class AGLA(Strategy):
         "last_row": {"relevance_queries": "last"},
     }
 
-    @property
-    def _key(self) -> str:
-        return f"agla:{id(self)}"
-
     def prepare(self, call: CallContext) -> None:
         """Plan the masks per image; external relevance: mask now; attention variant: pick the band and weights."""
         cfg = self.config
@@ -205,7 +201,7 @@ class AGLA(Strategy):
         fill = fill_values(cfg.fill, call.processor, channels)
         keep = [1.0 - cfg.mask_ratio] * len(plans)
         state = _AGLAState(plans=plans, fill=fill, original=pixels, pixels=pixels.clone(), keep=keep)
-        call.state[self._key] = state
+        call.state[self.state_key] = state
         if cfg.relevance_fn is not None:
             maps, sims = _external_maps(cfg.relevance_fn, call)
             for plan in plans:
@@ -237,19 +233,19 @@ class AGLA(Strategy):
 
     def attention_layers(self, call: CallContext) -> set[int]:
         """The relevance band (attention variant with the local branch on); none otherwise."""
-        state = call.state.get(self._key)
+        state = call.state.get(self.state_key)
         return set(state.layers) if state is not None else set()
 
     def attention_rows_for(self, layer: int, call: CallContext) -> str | int:
         """The prompt rows from the earliest question token on for the question's attention, else the last one."""
-        state = call.state.get(self._key)
+        state = call.state.get(self.state_key)
         return state.first_row if state is not None and state.weights is not None else "last"
 
     def edit_probs(self, probs: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
         """At the main prefill only: accumulate the relevance; after the band's last layer, write the local view."""
         if not ctx.is_prefill:
             return probs
-        state: _AGLAState = ctx.call.state[self._key]
+        state: _AGLAState = ctx.call.state[self.state_key]
         length = ctx.call.prompt_len
         # the question's rows: prompt rows q_start.. are here (the plan's row range); None: the last row
         weights = state.weights[:, ctx.q_start :] if state.weights is not None else None  # [B, q]
@@ -273,7 +269,7 @@ class AGLA(Strategy):
 
     def side_inputs(self, call: CallContext) -> list[dict[str, Any]]:
         """The prompt with the local view (none when ``alpha`` is 0)."""
-        state = call.state.get(self._key)
+        state = call.state.get(self.state_key)
         if state is None:
             return []
         return [{**call.inputs, "pixel_values": state.pixels}]

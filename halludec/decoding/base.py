@@ -106,6 +106,11 @@ class Strategy:
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.config!r})"
 
+    @property
+    def state_key(self) -> str:
+        """This instance's slot in ``call.state`` for its per-call state (two instances never share one)."""
+        return f"{self.name}:{id(self)}"
+
     @classmethod
     def model_defaults(cls, adapter: Any) -> dict[str, Any]:
         """Per-model field values (published settings matched by config structure). Default: none.

@@ -223,7 +223,7 @@ class GIFT(Strategy):
         return {"saliency_layers": saliency, "enhance_layers": band, "alpha": alpha}
 
     def _plan(self, call: CallContext) -> _Plan:
-        plan = call.state.get(("gift", id(self)))
+        plan = call.state.get(self.state_key)
         if plan is None:
             raise RuntimeError("GIFT was not prepared for this call; use it through halludec.apply / generate.")
         return plan
@@ -254,7 +254,7 @@ class GIFT(Strategy):
             )
         plan = self._locate(call, layers, band, cfg.alpha if cfg.alpha is not None else alpha_default, auto)
         plan.inline = inline_ok and cfg.saliency_pass != "extra"
-        call.state[("gift", id(self))] = plan
+        call.state[self.state_key] = plan
         if not plan.inline:
             self._extra_pass(call, plan)
 

@@ -219,10 +219,6 @@ class ONLY(Strategy):
     }
 
     @property
-    def _key(self) -> str:
-        return f"only:{id(self)}"
-
-    @property
     def _branch(self) -> bool:
         """Whether the enhanced logits are needed (some alpha is non-zero)."""
         return self.config.alpha_collab != 0.0 or self.config.alpha_contrast != 0.0
@@ -238,7 +234,7 @@ class ONLY(Strategy):
     def prepare(self, call: CallContext) -> None:
         """Find the modules of the one-layer path and install the hooks reading the residual stream."""
         state = _ONLYState()
-        call.state[self._key] = state
+        call.state[self.state_key] = state
         if not self._branch:
             return
         adapter = call.adapter
@@ -281,7 +277,7 @@ class ONLY(Strategy):
 
     def edit_scores(self, scores: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
         """Build the enhanced attention output of the last query row from this layer's scores; scores unchanged."""
-        state: _ONLYState = ctx.call.state[self._key]
+        state: _ONLYState = ctx.call.state[self.state_key]
         mods = state.modules
         last = scores[:, :, -1]  # [B, H, K]
         valid = last[:, 0] > torch.finfo(last.dtype).min / 2  # [B, K]: masked keys hold finfo.min
@@ -323,5 +319,5 @@ class ONLY(Strategy):
         cfg = self.config
         if not self._branch:
             return plausibility_cutoff(logits, logits, cfg.plausibility_beta)
-        enhanced = self._enhanced_logits(ctx.call.state[self._key])  # [Bm, V]
+        enhanced = self._enhanced_logits(ctx.call.state[self.state_key])  # [Bm, V]
         return gated_combine(logits, enhanced, cfg.alpha_collab, cfg.alpha_contrast, cfg.gamma, cfg.plausibility_beta)

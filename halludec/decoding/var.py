@@ -206,13 +206,9 @@ class VAR(Strategy):
         known = known_sink_dims(adapter.model)
         return {"sink_dims": tuple(known.dims)} if known is not None and known.status == "confirmed" else {}
 
-    @property
-    def _key(self) -> str:
-        return f"var:{id(self)}"
-
     def prepare(self, call: CallContext) -> None:
         state = _VARState()
-        call.state[self._key] = state
+        call.state[self.state_key] = state
         cfg = self.config
         if cfg.sink_keep_frac == 1.0:  # nothing is ever moved
             return
@@ -249,15 +245,15 @@ class VAR(Strategy):
             call.register_hook(call.adapter.layers[layer], self._sink_hook(call, state, layer), with_kwargs=True)
 
     def attention_layers(self, call: CallContext) -> set[int]:
-        return set(call.state[self._key].layers)
+        return set(call.state[self.state_key].layers)
 
     def attention_rows_for(self, layer: int, call: CallContext) -> int:
         """Rows after the earliest last image token of any row: earlier prefill rows are never eligible."""
-        state: _VARState = call.state[self._key]
+        state: _VARState = call.state[self.state_key]
         return int(state.image_end.min()) if state.image_end is not None else 0
 
     def edit_probs(self, probs: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
-        state: _VARState = ctx.call.state[self._key]
+        state: _VARState = ctx.call.state[self.state_key]
         sinks = state.sinks.get(ctx.layer_idx)
         if sinks is None:  # no prefill seen (cannot happen in generate); leave attention alone
             return probs

@@ -143,15 +143,11 @@ class VISTA(Strategy):
     needs_image = True
     paper = "https://arxiv.org/abs/2502.03628"
 
-    @property
-    def _key(self) -> str:
-        return f"vista:{id(self)}"
-
     def prepare(self, call: CallContext) -> None:
         """Compute each row's steering vectors (two unsteered prefills), install the steering and SLA hooks."""
         cfg = self.config
         state = _VISTAState()
-        call.state[self._key] = state
+        call.state[self.state_key] = state
         n = call.adapter.dims.num_layers
         if cfg.vsv_lambda != 0.0:
             layers = tuple(range(n)) if cfg.vsv_layers is None else tuple(sorted(set(cfg.vsv_layers)))

@@ -160,13 +160,9 @@ class ZeroTuning(Strategy):
     attention_rows = "all"
     paper = "https://arxiv.org/abs/2505.11739"
 
-    @property
-    def _key(self) -> str:
-        return f"zerotuning:{id(self)}"
-
     def prepare(self, call: CallContext) -> None:
         state = _ZTState()
-        call.state[self._key] = state
+        call.state[self.state_key] = state
         if self.config.gamma == 1.0:
             return
         table = self._gammas(call.adapter)  # [L, H]
@@ -210,10 +206,10 @@ class ZeroTuning(Strategy):
         return torch.where(in_layers, table, 1.0)
 
     def attention_layers(self, call: CallContext) -> set[int]:
-        return set(call.state[self._key].gammas)
+        return set(call.state[self.state_key].gammas)
 
     def edit_probs(self, probs: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
-        state: _ZTState = ctx.call.state[self._key]
+        state: _ZTState = ctx.call.state[self.state_key]
         return scale_initial(probs, ctx.keys(state.initial), state.gammas[ctx.layer_idx])
 
 
