@@ -61,7 +61,7 @@ def main() -> None:
         for name, metric in record.metrics.items():
             arrow = {True: "↑", False: "↓", None: ""}[metric.higher_is_better]
             print(f"  {name + arrow:<20} {metric.value:.4g}")
-        print(f"  results file: {record.samples_file.replace('.samples.jsonl', '.json')}")
+        print(f"  results file: {record.results_path}")
 
 
 if __name__ == "__main__":

@@ -189,7 +189,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             continue  # under accelerate launch, the main process reports
         shown = ", ".join(f"{k}={m.value:.4g}" for k, m in record.metrics.items() if isinstance(m.value, float))
         print(f"{strategy.name}{':' + strategy.preset if strategy.preset else ''}: n={record.n_samples} {shown}")
-        print(f"  results: {record.samples_file.replace('.samples.jsonl', '.json')}")
+        print(f"  results: {record.results_path}")
     return 0
 
 

@@ -83,7 +83,7 @@ def compare(
     else:
         config = RunConfig(benchmark=benchmark, output=str(out), **config_fields)
     records = [run_benchmark(model, processor, strategy, config, progress=progress) for strategy in strategies]
-    files = [Path(r.samples_file.replace(".samples.jsonl", ".json")) for r in records]
+    files = [r.results_path for r in records]
     png = None
     if plot is not None:
         from halludec.benchmarks.errors import BenchmarkDataError

@@ -159,6 +159,13 @@ class ResultRecord:
         if self.halludec_version is None:
             self.halludec_version = self.versions.get("halludec")
 
+    @property
+    def results_path(self) -> Path | None:
+        """The results JSON the runner writes beside ``samples_file`` (``<stem>.json``); None without a samples file."""
+        if self.samples_file is None:
+            return None
+        return Path(self.samples_file.removesuffix(".samples.jsonl") + ".json")
+
     def to_dict(self) -> dict[str, Any]:
         """The JSON form (plain dicts and lists)."""
         out = {

@@ -166,7 +166,7 @@ def run_benchmark(model: Any, processor: Any, strategy: Any, config: RunConfig, 
     record.wall_time_s = wall if ran else None
     record.tokens_per_s = new_tokens / wall if ran and wall > 0 else None
     record.samples_file = str(samples_path)
-    save_results(record, out_dir / f"{stem}.json")
+    save_results(record, record.results_path)  # <stem>.json beside the samples file
     dist.barrier()
     return record
 

@@ -65,7 +65,7 @@ def run_demo(
         for benchmark, limit in (("lab-pope", pope_limit), ("lab-chair", chair_limit)):
             config = RunConfig(benchmark=benchmark, limit=limit, batch_size=batch_size, output=str(out))
             records[benchmark] = run_benchmark(model, processor, strategy, config, progress=progress)
-            paths.append(Path(records[benchmark].samples_file.replace(".samples.jsonl", ".json")))
+            paths.append(records[benchmark].results_path)
         rows.append(summary_row(name, records["lab-pope"], records["lab-chair"], time.perf_counter() - t0))
         print(f"  {name:<12} {rows[-1]['time_s']:6.1f} s", flush=True)
     table = demo_table(rows)
