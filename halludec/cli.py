@@ -102,12 +102,17 @@ def parse_sets(sets: Sequence[str], strategies: Sequence[str]) -> dict[str, dict
             name, fieldname = names[0], key
         if name not in out:
             raise ValueError(f"--set {item!r} names strategy {name!r}, which is not among {names}.")
-        try:
-            value: object = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw
+        value = _json_value(raw)
         out[name][fieldname] = tuple(value) if isinstance(value, list) else value
     return out
+
+
+def _json_value(raw: str) -> object:
+    """``raw`` read as JSON (numbers, booleans, lists, null) when it parses, else the string itself."""
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        return raw
 
 
 def parse_generation(items: Sequence[str]) -> dict[str, object]:
@@ -121,10 +126,7 @@ def parse_generation(items: Sequence[str]) -> dict[str, object]:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise ValueError(f"--gen {item!r} is not KEY=VALUE; e.g. --gen do_sample=true --gen temperature=1.0")
-        try:
-            out[key.strip()] = json.loads(raw)
-        except json.JSONDecodeError:
-            out[key.strip()] = raw
+        out[key.strip()] = _json_value(raw)
     return out
 
 
