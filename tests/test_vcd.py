@@ -12,7 +12,14 @@ from halludec.decoding.side import LogitsContext
 from halludec.decoding.vcd import VCD, vcd_combine
 from halludec.tiny import tiny_batch
 from tests.conftest import QUESTIONS, REQUIRED_FAMILIES, tiny
-from tests.helpers import assert_neutral_then_active, assert_same_snapshot, fresh_last_logits, recording, snapshot
+from tests.helpers import (
+    assert_batch_equals_singles,
+    assert_neutral_then_active,
+    assert_same_snapshot,
+    fresh_last_logits,
+    recording,
+    snapshot,
+)
 
 GREEDY = {"max_new_tokens": 4, "min_new_tokens": 4, "do_sample": False}
 SCORES = {"output_scores": True, "return_dict_in_generate": True}
@@ -118,14 +125,7 @@ def test_neutral_active_side_logits_batch_and_restore(family):
     torch.testing.assert_close(active.scores[0][finite], expected[finite], atol=1e-4, rtol=1e-4)
 
     # A left-padded batch of 2 equals each row alone (default config, cutoff on).
-    both = halludec.generate(model, batch, "vcd", **GREEDY, **SCORES)
-    for row, question in enumerate(QUESTIONS):
-        single = tiny_batch(processor, family, [question], seed=0, image_seed_offset=row)
-        alone = halludec.generate(model, single, "vcd", **GREEDY, **SCORES)
-        new = both.sequences[row, batch["input_ids"].shape[1] :]
-        assert torch.equal(new, alone.sequences[0, single["input_ids"].shape[1] :])
-        for a, b in zip(both.scores, alone.scores, strict=True):
-            torch.testing.assert_close(a[row], b[0], atol=1e-4, rtol=1e-4)
+    assert_batch_equals_singles(model, processor, family, VCD(), QUESTIONS, **GREEDY)
     assert_same_snapshot(before, snapshot(model))
 
 
