@@ -294,8 +294,12 @@ def measure(
         setattr(config, key, limit)
     out = {}
     for name in names:
-        total, prefill = statistics.median(totals[name]), statistics.median(prefills[name])
-        out[name or "baseline"] = Timing(total, prefill, (total - prefill) / max(1, new_tokens - 1))
+        # Per token: median of each repetition's (total - prefill), paired so the two calls share the machine's
+        # load; timer noise can push a difference below zero on tiny models, which reads as 0 (below resolution).
+        steps = [max(0.0, t - p) / max(1, new_tokens - 1) for t, p in zip(totals[name], prefills[name], strict=True)]
+        out[name or "baseline"] = Timing(
+            statistics.median(totals[name]), statistics.median(prefills[name]), statistics.median(steps)
+        )
     return out
 
 

@@ -21,6 +21,20 @@ def test_measure_and_report_on_tiny():
     assert "| vcd |" in speed.format_table(doc)
 
 
+def test_per_token_time_pairs_repetitions_and_never_goes_negative(monkeypatch):
+    """Per-token time is the median of each repetition's (total - prefill) over the new tokens; a repetition whose
+    one-token call took longer than the full call (timer noise on tiny models) counts as 0, not negative."""
+    model, processor = speed.build_shape("tiny")
+    # Calls per repetition: prefill (1 token) then total (5 tokens); warm-up first (2 tokens).
+    fake = {1: iter([0.50, 0.10, 0.10]), 5: iter([0.40, 0.90, 0.50]), 2: iter([0.0])}
+    monkeypatch.setattr(speed, "_run", lambda m, p, i, s, n, c="default": next(fake[n]))
+    timing = speed.measure(model, processor, [], new_tokens=5, repeats=3)["baseline"]
+    # Differences: -0.10 -> 0, 0.80, 0.40 -> per token 0, 0.2, 0.1 -> median 0.1.
+    assert timing.per_token_s == pytest.approx(0.1)
+    assert timing.total_s == pytest.approx(0.5)
+    assert timing.prefill_s == pytest.approx(0.1)
+
+
 @pytest.mark.slow
 def test_speed_cli_writes_json_with_memory(tmp_path, capsys):
     out = tmp_path / "speed.json"
