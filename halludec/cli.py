@@ -130,13 +130,45 @@ def parse_generation(items: Sequence[str]) -> dict[str, object]:
     return out
 
 
-def load_model(name: str, dtype: str = "auto", device: str = "auto"):
-    """Load a model and processor with ``from_pretrained`` (bf16 on CUDA, fp32 on CPU); ``lab``: the lab model."""
+DTYPE_CHOICES = ("auto", "bf16", "fp16", "fp32")
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, model_help: str) -> None:
+    """Add the options that pick and place a checkpoint (``--model``, ``--dtype``, ``--device``,
+    ``--trust-remote-code``), read by :func:`load_model`; shared by ``halludec run`` and ``halludec heads``.
+
+    Args:
+        parser: The subcommand's parser.
+        model_help: Help text of ``--model``.
+    """
+    parser.add_argument("--model", required=True, help=model_help)
+    parser.add_argument(
+        "--dtype", default="auto", choices=DTYPE_CHOICES, help="weights' dtype (auto: bf16 on CUDA, fp32 on CPU)"
+    )
+    parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda:0, ...")
+    parser.add_argument("--trust-remote-code", action="store_true", help="allow the checkpoint's own code")
+
+
+def load_model(name: str, dtype: str = "auto", device: str = "auto", trust_remote_code: bool = False):
+    """Load a model and processor with ``from_pretrained`` (bf16 on CUDA, fp32 on CPU); ``lab``: the lab model.
+
+    Args:
+        name: HF id, local folder, or ``lab``.
+        dtype: One of :data:`DTYPE_CHOICES`.
+        device: ``auto`` (every visible GPU, or this process's share under ``accelerate launch``; CPU without
+            CUDA), ``cpu``, or a device such as ``cuda:1``.
+        trust_remote_code: Passed to ``from_pretrained`` for the model and the processor.
+
+    Returns:
+        ``(model, processor)``, the model in eval mode and the tokenizer padding on the left.
+    """
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from halludec.lab import model_source
 
+    if dtype not in DTYPE_CHOICES:
+        raise ValueError(f"dtype {dtype!r} is unknown; choose one of {', '.join(DTYPE_CHOICES)}.")
     name = model_source(name)
     cuda = torch.cuda.is_available() and device != "cpu"
     torch_dtype = {
@@ -145,7 +177,7 @@ def load_model(name: str, dtype: str = "auto", device: str = "auto"):
         "fp32": torch.float32,
         "fp16": torch.float16,
     }[dtype]
-    kwargs = {"dtype": torch_dtype}
+    kwargs = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
     from halludec.benchmarks.distributed import current, placement
 
     dist = current()
@@ -156,7 +188,7 @@ def load_model(name: str, dtype: str = "auto", device: str = "auto"):
     if cuda:
         kwargs.update(placement(device, dist))  # one GPU group per process under accelerate launch
     model = AutoModelForImageTextToText.from_pretrained(name, **kwargs).eval()
-    processor = AutoProcessor.from_pretrained(name)
+    processor = AutoProcessor.from_pretrained(name, trust_remote_code=trust_remote_code)
     getattr(processor, "tokenizer", processor).padding_side = "left"
     return model, processor
 
@@ -169,7 +201,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     names = args.strategy or ["none"]
     overrides = parse_sets(args.set, names)
     strategies = [halludec.get_strategy(s, **overrides[s.partition(":")[0]]) for s in names]
-    model, processor = load_model(args.model, args.dtype, args.device)
+    model, processor = load_model(args.model, args.dtype, args.device, args.trust_remote_code)
     for strategy in strategies:  # one results file per strategy
         config = RunConfig(
             benchmark=args.benchmark,
@@ -271,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_lab.set_defaults(func=_cmd_lab_path)
 
     p_run = sub.add_parser("run", help="run a model x strategies on a benchmark (resumable)")
-    p_run.add_argument("--model", required=True, help="HF id, local folder (from_pretrained) or lab")
+    add_model_arguments(p_run, "HF id, local folder (from_pretrained) or lab")
     p_run.add_argument(
         "--strategy", action="append", default=None, help="repeatable; one results file each (default: none)"
     )
@@ -297,8 +329,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="a generate argument (JSON value), e.g. --gen do_sample=true --gen temperature=1.0 --gen num_beams=5",
     )
     p_run.add_argument("--seed", type=int, default=0)
-    p_run.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
-    p_run.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda:0, ...")
     p_run.add_argument("--quiet", action="store_true", help="no progress bar")
     p_run.set_defaults(func=_cmd_run)
 

@@ -64,3 +64,29 @@ def test_run_records_prompt_and_generation_flags(tmp_path, capsys):
     assert record["generation"] == {"max_new_tokens": 4, "do_sample": False, "num_beams": 2}
     assert record["benchmark"]["prompt_template"] == "{question}"
     assert "none: n=2 " in capsys.readouterr().out
+
+
+def test_run_and_heads_share_the_model_options(monkeypatch, tmp_path):
+    """`halludec run` and `halludec heads` read --model/--dtype/--device/--trust-remote-code the same way and hand
+    them to one loader; an unknown dtype is refused by name."""
+    import pytest
+
+    import halludec.cli as cli
+
+    seen, real_load = [], cli.load_model
+
+    def fake_load(name, dtype, device, trust_remote_code):
+        seen.append((name, dtype, device, trust_remote_code))
+        raise SystemExit(0)  # stop before any data or model work
+
+    monkeypatch.setattr(cli, "load_model", fake_load)
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    common = ["--model", "m", "--dtype", "fp32", "--device", "cpu", "--trust-remote-code"]
+    for argv in (["run", "--benchmark", "lab-pope", *common], ["heads", "--data", str(tmp_path), *common]):
+        with pytest.raises(SystemExit):
+            main(argv)
+    assert seen == [("m", "fp32", "cpu", True)] * 2
+    with pytest.raises(ValueError, match="dtype 'int8' is unknown; choose one of auto, bf16, fp16, fp32"):
+        real_load("lab", "int8")

@@ -293,6 +293,7 @@ def test_cli_writes_profile_and_heatmap(tmp_path, capsys, monkeypatch):
     assert profile.data["n_images"] == 2
     assert profile.data["question"] == "Describe the image."
     assert profile.tensor().shape == (4, 4)
+    assert (profile.data["dtype"], profile.data["device"]) == ("float32", "cpu")  # loaded as `halludec run` loads
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     best = head_set(profile, 3)
     assert f"layer {best[0][0]:>3}  head {best[0][1]:>3}" in printed

@@ -12,6 +12,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from halludec.cli import add_model_arguments
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 BUILTIN_CRITERIA = ("vhd", "image_attention", "image_centric", "visual_sensitivity")
 
@@ -46,7 +48,7 @@ def add_heads_subcommand(subparsers: Any) -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--model", required=True, help="Hugging Face model id, local folder, or lab (the lab model)")
+    add_model_arguments(p, "Hugging Face model id, local folder, or lab (the lab model)")
     p.add_argument("--criterion", default="vhd", help=f"one of {', '.join(BUILTIN_CRITERIA)} (default: vhd)")
     p.add_argument(
         "--data",
@@ -61,8 +63,6 @@ def add_heads_subcommand(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--out", default="profile.json", help="profile JSON to write (default: profile.json)")
     p.add_argument("--plot", default=None, help="heatmap image to write, e.g. heads.png (needs matplotlib)")
     p.add_argument("--top-k", type=int, default=10, help="print (and outline) the top-k heads (default: 10)")
-    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu, ... (default: cuda if available)")
-    p.add_argument("--trust-remote-code", action="store_true", help="allow the checkpoint's own code")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_heads)
     return p
@@ -94,27 +94,13 @@ def run_heads(args: argparse.Namespace) -> int:
     pope = _pope_samples(args.data, args.image_dir, args.limit)
     images = list_images(args.data, args.limit) if pope is None else pope
 
-    import torch
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
+    from halludec.cli import load_model
     from halludec.heads import CRITERIA, HeadProfile, head_set, save_profile, score_dataset
     from halludec.heads.score import DEFAULT_QUESTION
 
     CRITERIA.get(args.criterion)  # unknown names fail before the model loads
     question = args.question or DEFAULT_QUESTION
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    from halludec.lab import model_source
-
-    source = model_source(args.model)
-    model = AutoModelForImageTextToText.from_pretrained(
-        source, dtype=dtype, device_map=str(device), trust_remote_code=args.trust_remote_code
-    )
-    model.eval()
-    processor = AutoProcessor.from_pretrained(source, trust_remote_code=args.trust_remote_code)
-    tokenizer = getattr(processor, "tokenizer", None)
-    if tokenizer is not None:
-        tokenizer.padding_side = "left"
+    model, processor = load_model(args.model, args.dtype, args.device, args.trust_remote_code)
     batches = _ImageBatches(images, question, args.batch_size) if pope is None else _PopeBatches(pope, args.batch_size)
     scores = score_dataset(model, processor, batches, args.criterion, progress=not args.no_progress)
     data = {
@@ -123,8 +109,8 @@ def run_heads(args: argparse.Namespace) -> int:
         "n_images": len(images),
         "question": question if pope is None else "POPE questions (benchmark prompt template)",
         "batch_size": args.batch_size,
-        "dtype": str(dtype).removeprefix("torch."),
-        "device": device.type,
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "device": model.device.type,
     }
     profile = HeadProfile.for_model(model, scores, args.criterion, data)
     save_profile(profile, args.out)
