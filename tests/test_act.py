@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 
@@ -11,8 +9,8 @@ import halludec
 from halludec.decoding.act import ACT, calibrate, calibrate_act_heads, find_sinks, received_attention
 from halludec.decoding.profile import HeadProfile, save_profile
 from halludec.tiny import tiny_batch
-from tests.conftest import QUESTIONS, REQUIRED_FAMILIES, tiny
-from tests.helpers import assert_batch_equals_singles, assert_same_snapshot, max_score_diff, snapshot
+from tests.conftest import QUESTIONS, tiny
+from tests.helpers import max_score_diff
 
 KW = {"max_new_tokens": 5, "min_new_tokens": 5, "do_sample": False}
 SCORES = {"output_scores": True, "return_dict_in_generate": True}
@@ -95,27 +93,17 @@ def test_left_padded_row_equals_unpadded_row():
         torch.testing.assert_close(out[0, h, pad:, pad:], _released(inner[h], 0.4, 0.1), atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("family", REQUIRED_FAMILIES)
-def test_neutral_equals_generate_active_changes_model_restored(family):
-    model, processor = tiny(family)
-    batch = tiny_batch(processor, family, QUESTIONS, seed=0)
-    before = snapshot(model)
+def test_neutral_scores_are_bit_exact_and_the_band_default_warns():
+    """What the strategy matrix does not check: keep_frac=1 gives plain generate's scores bit for bit (the matrix
+    compares tokens), and without heads or a profile ACT says it steers the whole band. Neutral/active/batch/restore
+    on every family are the matrix's cells."""
+    model, processor = tiny("llava")
+    batch = tiny_batch(processor, "llava", QUESTIONS, seed=0)
     plain = model.generate(**batch, **KW, **SCORES)
     neutral = halludec.generate(model, batch, halludec.get_strategy("act", keep_frac=1.0), **KW, **SCORES)
-    assert torch.equal(plain.sequences, neutral.sequences)
     assert max_score_diff(plain, neutral) == 0.0
     with pytest.warns(UserWarning, match="every head of layers 1..2"):
-        active = halludec.generate(model, batch, halludec.get_strategy("act", **ACTIVE), **KW, **SCORES)
-    assert max_score_diff(plain, active) > 1e-3
-    assert_same_snapshot(before, snapshot(model))
-
-
-@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
-def test_batch_of_two_equals_singles(family):
-    model, processor = tiny(family)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        assert_batch_equals_singles(model, processor, family, halludec.get_strategy("act", **ACTIVE), QUESTIONS, **KW)
+        halludec.generate(model, batch, halludec.get_strategy("act", **ACTIVE), **KW, **SCORES)
 
 
 def test_sinks_frozen_at_prefill_used_at_decode_beam_and_static_cache():

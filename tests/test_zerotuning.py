@@ -12,8 +12,8 @@ import halludec
 from halludec.decoding.profile import HeadProfile, save_profile
 from halludec.decoding.zerotuning import head_gammas, profile_heads, scale_initial
 from halludec.tiny import tiny_batch
-from tests.conftest import QUESTIONS, REQUIRED_FAMILIES, tiny
-from tests.helpers import assert_batch_equals_singles, assert_same_snapshot, max_score_diff, snapshot
+from tests.conftest import QUESTIONS, tiny
+from tests.helpers import assert_batch_equals_singles, max_score_diff
 
 KW = {"max_new_tokens": 5, "min_new_tokens": 5, "do_sample": False}
 SCORES = {"output_scores": True, "return_dict_in_generate": True}
@@ -48,19 +48,18 @@ def test_head_rule():
         head_gammas(scores, 2.0, "up")
 
 
-@pytest.mark.parametrize("family", REQUIRED_FAMILIES)
-def test_neutral_equals_generate_active_changes_model_restored(family):
-    model, processor = tiny(family)
-    batch = tiny_batch(processor, family, QUESTIONS, seed=0)
-    before = snapshot(model)
+def test_neutral_scores_are_bit_exact_and_the_default_head_rule_warns():
+    """What the strategy matrix does not check: gamma=1 gives plain generate's scores bit for bit (the matrix compares
+    tokens), and the default call says it scales every head. Neutral/active/batch/restore on every family are the
+    matrix's cells."""
+    model, processor = tiny("llava")
+    batch = tiny_batch(processor, "llava", QUESTIONS, seed=0)
     plain = model.generate(**batch, **KW, **SCORES)
     neutral = halludec.generate(model, batch, halludec.get_strategy("zerotuning", gamma=1.0), **KW, **SCORES)
-    assert torch.equal(plain.sequences, neutral.sequences)
     assert max_score_diff(plain, neutral) == 0.0
     with pytest.warns(UserWarning, match="every head of all layers is scaled by gamma=0.5"):
         active = halludec.generate(model, batch, "zerotuning", **KW, **SCORES)
-    assert max_score_diff(plain, active) > 1e-3
-    assert_same_snapshot(before, snapshot(model))
+    assert max_score_diff(plain, active) > 1e-3  # the default gamma (the matrix uses 0.2) changes the scores
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
