@@ -4,6 +4,7 @@ behaviour on tiny models (neutral = plain generate, batches = single rows, one-p
 from __future__ import annotations
 
 import math
+import warnings
 from types import SimpleNamespace
 
 import pytest
@@ -411,10 +412,15 @@ def test_fallbacks_warn_and_never_nan(monkeypatch):
     batch = tiny_batch(processor, "llava", ["What is in the image?", "What is on the table?"])
     strategy = halludec.get_strategy("gift", word_filter="builtin")
     with (
-        pytest.warns(UserWarning, match="no informative word in the question of row 0"),
+        pytest.warns(UserWarning, match="no informative word in the question '[^']*image") as said,
         halludec.apply(model, strategy, batch, processor=processor) as call,
     ):
         model.generate(**batch, **KW)
+    assert sum("informative" in str(w.message) for w in said) == 1  # one per question text, not one per row
+    with warnings.catch_warnings(record=True) as again:  # the same instance on the next batch: said already
+        warnings.simplefilter("always")
+        halludec.generate(model, batch, strategy, processor=processor, **KW)
+    assert not [w for w in again if "informative" in str(w.message)]
     plan = _plan(call, strategy)
     (q0, q1) = call.query_spans[0]
     assert plan.rows[0, q0:q1].eq(1).all()

@@ -32,7 +32,6 @@ with ``skip_last_layer=False``), with a warning. The ``chat`` preset is the rele
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -228,20 +227,20 @@ class ACT(Strategy):
         if cfg.profile is not None:
             mask = profile_head_mask(cfg.profile, adapter, cfg.profile_k) & band
             if not mask.any():
-                warnings.warn(
+                self.warn(
                     f"ACT: the profile {cfg.profile!r} has no head among its top profile_k={cfg.profile_k} in layers "
                     f"{cfg.first_layer}..{last}; attention is left unchanged. Raise profile_k or widen the band.",
                     stacklevel=3,
                 )
             return mask
         if not band.any():
-            warnings.warn(
+            self.warn(
                 f"ACT: the layer band {cfg.first_layer}..{last} of this {n}-layer model is empty; attention is left "
                 "unchanged. Lower first_layer or set skip_last_layer=False.",
                 stacklevel=3,
             )
         else:
-            warnings.warn(
+            self.warn(
                 f"ACT: no head list (heads=) or head profile (profile=) given, so every head of layers "
                 f"{cfg.first_layer}..{last} is calibrated. ACT calibrates a per-task head set chosen offline; find "
                 "one with halludec.decoding.act.calibrate_act_heads or pass a profile.",

@@ -22,6 +22,7 @@ values; only on shapes and on Python state fixed in ``prepare``.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
@@ -204,6 +205,22 @@ class Strategy:
     def uses_head_outputs(cls) -> bool:
         """Whether the strategy overrides ``edit_head_outputs``."""
         return cls.edit_head_outputs is not Strategy.edit_head_outputs
+
+    def warn(self, message: str, stacklevel: int = 2) -> None:
+        """Warn with ``message`` the first time this instance meets it; repeats are dropped.
+
+        Settings warnings (no released settings, no head profile, no sink dimensions) describe the strategy on the
+        model, not one batch, and a benchmark run reuses one instance over many batches. Python's own once-per-place
+        filter does not hold them back: any ``warnings.catch_warnings()`` (libraries use it per call) resets it.
+
+        Args:
+            message: The warning's text (a ``UserWarning``).
+            stacklevel: As for :func:`warnings.warn`, counted from the caller of this method.
+        """
+        seen = self.__dict__.setdefault("_warned", set())
+        if message not in seen:
+            seen.add(message)
+            warnings.warn(message, UserWarning, stacklevel=stacklevel + 1)
 
     def describe(self) -> dict[str, Any]:
         """``{name, preset, config}`` for results files."""

@@ -233,7 +233,7 @@ class GIFT(Strategy):
         cfg = self.config
         name, sal_default, band_default, alpha_default = default_settings(call.adapter)
         if name == "generic" and None in (cfg.saliency_layers, cfg.enhance_layers, cfg.alpha):
-            warnings.warn(
+            self.warn(
                 f"GIFT has no released settings for this model ({call.adapter.config.model_type}, "
                 f"{call.adapter.dims.num_layers} layers); using the generic defaults saliency_layers={sal_default}, "
                 f"enhance_layers={band_default[0]}..{band_default[-1]}, alpha={alpha_default}. Set them explicitly "
@@ -269,19 +269,24 @@ class GIFT(Strategy):
         batch, length = call.input_ids.shape
         rows = torch.zeros(batch, length)
         query = torch.zeros(batch, length)
+        empty, plain = [], []
         for row, ((start, end), pos) in enumerate(zip(spans, positions, strict=True)):
             if end <= start:
-                warnings.warn(f"GIFT: row {row} has an empty question span; GIFT leaves it unchanged.", stacklevel=3)
+                empty.append(row)
                 continue
             query[row, start:end] = 1.0
             if not pos:
-                warnings.warn(
-                    f"GIFT: no informative word in the question of row {row} ({used!r} filter); its saliency uses "
-                    "all question tokens.",
-                    stacklevel=3,
-                )
+                plain.append(tok.decode(call.input_ids[row, start:end]).strip())
                 pos = list(range(start, end))
             rows[row, [p for p in pos if p >= 1]] = 1.0
+        if empty:
+            self.warn(f"GIFT: rows {empty} have an empty question span; GIFT leaves them unchanged.", stacklevel=3)
+        for question in dict.fromkeys(plain):  # once per question text and instance, not per row and batch
+            self.warn(
+                f"GIFT: no informative word in the question {question!r} ({used!r} filter); its saliency uses all "
+                "question tokens.",
+                stacklevel=3,
+            )
         image_id = torch.zeros(batch, length, dtype=torch.long)
         for row, img_spans in enumerate(call.image_spans):
             for j, (start, end) in enumerate(img_spans):

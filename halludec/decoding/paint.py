@@ -27,7 +27,6 @@ CHAIR script: alpha 0.9, beta 0.3, CFG gamma 1.1, and no boost on the first gene
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -182,7 +181,7 @@ class PAINT(Strategy):
                 for layer in torch.nonzero(heads.any(dim=-1)).flatten().tolist()
             }
             if not any(layer >= self.config.first_layer for layer in call.state["paint_heads"]):
-                warnings.warn(
+                self.warn(
                     f"PAINT: the profile {self.config.profile!r} has no head among its top profile_k="
                     f"{self.config.profile_k} in layers >= first_layer={self.config.first_layer} (its heads are in "
                     f"layers {sorted(call.state['paint_heads'])}); nothing is boosted. Raise profile_k or lower "

@@ -219,7 +219,7 @@ class VAR(Strategy):
             mask = profile_head_mask(cfg.profile, call.adapter, cfg.profile_k)  # [L, H] bool
             state.heads = {i: mask[i].to(call.layer_device(i)) for i in range(mask.shape[0]) if mask[i].any()}
             if layers and not layers & set(state.heads):
-                warnings.warn(
+                self.warn(
                     f"VAR: the profile {cfg.profile!r} has no head among its top profile_k={cfg.profile_k} in the "
                     f"steered layers {cfg.first_layer}..{last} (its heads are in layers {sorted(state.heads)}); "
                     "raise profile_k or change first_layer. Attention is left unchanged.",
@@ -228,7 +228,7 @@ class VAR(Strategy):
                 return
             layers &= set(state.heads)
         if not layers:
-            warnings.warn(
+            self.warn(
                 f"VAR steers layers {cfg.first_layer}..{last} of this {n}-layer model, i.e. none; lower first_layer "
                 "or set skip_last_layer=False. Attention is left unchanged.",
                 stacklevel=2,
@@ -308,13 +308,13 @@ class VAR(Strategy):
         if found:
             return found, "finder"
         if known is not None:
-            warnings.warn(
+            self.warn(
                 f"VAR: the sink-dimension finder found nothing at sink_tau={cfg.sink_tau}; using the listed "
                 f"{known.status} constants {list(known.dims)} for {known.backbone}.",
                 stacklevel=3,
             )
             return known.dims, f"{known.status} constants ({known.backbone})"
-        warnings.warn(
+        self.warn(
             f"VAR found no sink dimensions for this model (no hidden dimension where the first token's |x/RMS(x)| "
             f"exceeds sink_tau={cfg.sink_tau} in at least half the layers >= 2), so it leaves attention unchanged. "
             "Pass sink_dims=(...) for this backbone, or a lower sink_tau.",
@@ -337,7 +337,7 @@ class VAR(Strategy):
                     if known is not None
                     else ""
                 )
-                warnings.warn(
+                self.warn(
                     f"VAR: no confirmed sink dimensions for this backbone; the sink-dimension finder found "
                     f"{report.dims} on this call's prompt (cached for this model){listed}. Pass sink_dims=(...) "
                     "to fix them.",

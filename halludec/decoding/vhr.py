@@ -23,7 +23,6 @@ much worse than per-sample selection (CHAIR_S 44.72 vs 33.32 on LLaVA-1.5-7B); i
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -141,7 +140,7 @@ class VHR(Strategy):
             keep[list(self._layers(call))] = True
             mask = mask & keep  # [L, H]
             if not mask.any():
-                warnings.warn(
+                self.warn(
                     f"VHR: the profile {self.config.profile!r} has no head among its top profile_k="
                     f"{self.config.profile_k} in layers={self.config.layers}; nothing is reinforced. Raise profile_k "
                     "or use layers=None (all the profile's heads).",

@@ -51,7 +51,6 @@ per step, a few vector ops per steered layer and on the final norm's last positi
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -164,7 +163,7 @@ class VISTA(Strategy):
             for layer in sla:
                 call.adapter.check_layer(layer)
             if not sla:
-                warnings.warn(
+                self.warn(
                     f"VISTA: this model has {n} decoder layer(s), so no layer precedes the last one and SLA has "
                     "nothing to average; SLA is off. Set sla_layers=(...) to choose layers.",
                     stacklevel=2,

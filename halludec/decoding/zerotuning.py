@@ -30,7 +30,6 @@ tasks. Details and open questions: ``docs/methods/zerotuning.md``.
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -186,7 +185,7 @@ class ZeroTuning(Strategy):
         if cfg.heads is not None:
             return torch.where(head_mask(cfg.heads, n, n_heads), cfg.gamma, 1.0)
         if cfg.profile is None:
-            warnings.warn(
+            self.warn(
                 f"ZeroTuning: no head profile (profile=) or head list (heads=) given, so every head of "
                 f"{'all layers' if cfg.layers is None else f'layers {list(layers)}'} is scaled by gamma={cfg.gamma}. "
                 "The paper tunes only its dominant head type; profile the heads with "
@@ -196,7 +195,7 @@ class ZeroTuning(Strategy):
             return torch.where(in_layers, cfg.gamma, 1.0)
         profile = load_profile(cfg.profile, adapter)
         if profile.criterion != PROFILE_CRITERION:
-            warnings.warn(
+            self.warn(
                 f"ZeroTuning: the profile {cfg.profile!r} has criterion {profile.criterion!r}; the head rule reads "
                 f"signed gains (criterion {PROFILE_CRITERION!r}, from profile_heads), so non-negative scores make "
                 "every scored head 'up-effective'.",
