@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+import halludec
 from halludec.decoding import Strategy, StrategyConfig
 
 
@@ -155,9 +156,25 @@ def halludec_generate(model, batch, strategy, processor, **generate_kwargs):
     return halludec.generate(model, batch, strategy, processor=processor, **generate_kwargs)
 
 
-def fresh_last_logits(model, adapter, batch, side):
-    """Last-position logits of plain forwards on the main inputs and on a side input: ``(main, side)``."""
+def assert_side_logits_and_contrast(model, batch, strategy, sides, active, combine):
+    """A side-branch strategy's prefill: the side logits it saw (``strategy.prefill_side``, from :func:`recording`)
+    equal plain forwards on each side input, and its first scores (``active``) equal ``combine(main, *sides)`` of
+    fresh logits wherever they are finite (``min_new_tokens`` sets EOS to -inf).
+
+    Args:
+        model: The model.
+        batch: The main inputs.
+        strategy: The recorded strategy instance that produced ``active``.
+        sides: The side inputs, in the strategy's order.
+        active: ``generate``'s output with ``output_scores=True, return_dict_in_generate=True``.
+        combine: ``(main_logits, *side_logits) -> scores``, the strategy's own combination at step 0.
+    """
+    adapter = halludec.get_adapter(model)
     with torch.no_grad():
-        fresh_side = model(**side, position_ids=adapter.position_ids_for(side)).logits[:, -1]
+        fresh = [model(**side, position_ids=adapter.position_ids_for(side)).logits[:, -1] for side in sides]
         fresh_main = model(**batch).logits[:, -1]
-    return fresh_main, fresh_side
+    for got, ref in zip(strategy.prefill_side, fresh, strict=True):
+        torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+    finite = active.scores[0].isfinite()
+    expected = combine(fresh_main, *fresh)
+    torch.testing.assert_close(active.scores[0][finite], expected[finite], atol=1e-4, rtol=1e-4)

@@ -21,7 +21,7 @@ from tests.helpers import (
     assert_batch_equals_singles,
     assert_neutral_then_active,
     assert_same_snapshot,
-    fresh_last_logits,
+    assert_side_logits_and_contrast,
     recording,
     snapshot,
 )
@@ -130,7 +130,6 @@ def test_missing_processor_is_a_clear_error():
 @pytest.mark.parametrize("family", REQUIRED_FAMILIES)
 def test_neutral_active_side_logits_batch_and_restore(family):
     model, processor = tiny(family)
-    adapter = halludec.get_adapter(model)
     batch = tiny_batch(processor, family, QUESTIONS, seed=0)
     before = snapshot(model)
     strategy = recording(ICD)(plausibility_beta=0.0)
@@ -138,11 +137,7 @@ def test_neutral_active_side_logits_batch_and_restore(family):
 
     # The side logits at the prefill equal a fresh forward on the disturbed prompt; the first scores are the contrast.
     side = tiny_batch(processor, family, [f"{PAPER_PREFIX} {q}" for q in QUESTIONS], seed=0)
-    fresh_main, fresh_side = fresh_last_logits(model, adapter, batch, side)
-    torch.testing.assert_close(strategy.prefill_side[0], fresh_side, atol=1e-4, rtol=1e-4)
-    finite = active.scores[0].isfinite()  # min_new_tokens sets EOS to -inf
-    expected = icd_combine(fresh_main, fresh_side, 1.0, 0.0)
-    torch.testing.assert_close(active.scores[0][finite], expected[finite], atol=1e-4, rtol=1e-4)
+    assert_side_logits_and_contrast(model, batch, strategy, [side], active, lambda m, s: icd_combine(m, s, 1.0, 0.0))
 
     # A left-padded batch of 2 equals each row alone (default config, cutoff on).
     assert_batch_equals_singles(model, processor, family, ICD(), QUESTIONS, **GREEDY)

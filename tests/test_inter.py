@@ -15,6 +15,7 @@ from tests.helpers import (
     assert_batch_equals_singles,
     assert_neutral_then_active,
     assert_same_snapshot,
+    assert_side_logits_and_contrast,
     recording,
     snapshot,
 )
@@ -90,7 +91,6 @@ def test_zeros_null_is_refused_where_zero_images_are_padding():
 @pytest.mark.parametrize("family", REQUIRED_FAMILIES)
 def test_neutral_active_side_logits_batch_and_restore(family):
     model, processor = tiny(family)
-    adapter = halludec.get_adapter(model)
     batch = tiny_batch(processor, family, QUESTIONS, seed=0)
     before = snapshot(model)
     strategy = recording(INTER)(**ACTIVE)
@@ -110,16 +110,9 @@ def test_neutral_active_side_logits_batch_and_restore(family):
     for row, question in enumerate(QUESTIONS):
         assert question not in processor.tokenizer.decode(no_text["input_ids"][row])
     # The side logits at the prefill equal fresh forwards; the first scores are the INTER combination.
-    fresh = []
-    with torch.no_grad():
-        for side in (no_image, no_text, neither):
-            fresh.append(model(**side, position_ids=adapter.position_ids_for(side)).logits[:, -1])
-        fresh_main = model(**batch).logits[:, -1]
-    for got, ref in zip(strategy.prefill_side, fresh, strict=True):
-        torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
-    finite = active.scores[0].isfinite()  # min_new_tokens sets EOS to -inf
-    expected = inter_combine(fresh_main, *fresh, var_k=0.0, weight=1.0, beta=0.0)
-    torch.testing.assert_close(active.scores[0][finite], expected[finite], atol=1e-4, rtol=1e-4)
+    sides = [no_image, no_text, neither]
+    combine = lambda m, *s: inter_combine(m, *s, var_k=0.0, weight=1.0, beta=0.0)  # noqa: E731
+    assert_side_logits_and_contrast(model, batch, strategy, sides, active, combine)
 
     # A left-padded batch of 2 equals each row alone.
     assert_batch_equals_singles(model, processor, family, INTER(**ACTIVE), QUESTIONS, **GREEDY)

@@ -19,7 +19,7 @@ from tests.helpers import (
     assert_batch_equals_singles,
     assert_neutral_then_active,
     assert_same_snapshot,
-    fresh_last_logits,
+    assert_side_logits_and_contrast,
     recording,
     snapshot,
 )
@@ -99,11 +99,8 @@ def test_neutral_active_side_logits_batch_and_restore(family):
     side = adapter.text_only_inputs(batch)
     assert not adapter.image_mask(side["input_ids"]).any()
     assert "pixel_values" not in side
-    fresh_main, fresh_side = fresh_last_logits(model, adapter, batch, side)
-    torch.testing.assert_close(strategy.prefill_side[0], fresh_side, atol=1e-4, rtol=1e-4)
-    finite = active.scores[0].isfinite()  # min_new_tokens sets EOS to -inf
-    expected = m3id_combine(fresh_main, fresh_side, m3id_weight(0.5, 0), 1.0)
-    torch.testing.assert_close(active.scores[0][finite], expected[finite], atol=1e-4, rtol=1e-4)
+    combine = lambda m, s: m3id_combine(m, s, m3id_weight(0.5, 0), 1.0)  # noqa: E731
+    assert_side_logits_and_contrast(model, batch, strategy, [side], active, combine)
 
     # A left-padded batch of 2 equals each row alone (the step weight and the gate are per row).
     assert_batch_equals_singles(model, processor, family, M3ID(lam=0.3, alpha=0.5), QUESTIONS, **GREEDY)

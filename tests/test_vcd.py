@@ -16,7 +16,7 @@ from tests.helpers import (
     assert_batch_equals_singles,
     assert_neutral_then_active,
     assert_same_snapshot,
-    fresh_last_logits,
+    assert_side_logits_and_contrast,
     recording,
     snapshot,
 )
@@ -109,7 +109,6 @@ def test_noise_is_seeded_per_row(family):
 @pytest.mark.parametrize("family", REQUIRED_FAMILIES)
 def test_neutral_active_side_logits_batch_and_restore(family):
     model, processor = tiny(family)
-    adapter = halludec.get_adapter(model)
     batch = tiny_batch(processor, family, QUESTIONS, seed=0)
     before = snapshot(model)
     strategy = recording(VCD)(plausibility_beta=0.0)
@@ -118,11 +117,7 @@ def test_neutral_active_side_logits_batch_and_restore(family):
     # The side logits at the prefill equal a fresh forward on the noised input; the first scores are the contrast.
     with halludec.apply(model, strategy, batch) as call:
         (side,) = strategy.side_inputs(call)
-    fresh_main, fresh_side = fresh_last_logits(model, adapter, batch, side)
-    torch.testing.assert_close(strategy.prefill_side[0], fresh_side, atol=1e-4, rtol=1e-4)
-    finite = active.scores[0].isfinite()  # min_new_tokens sets EOS to -inf
-    expected = vcd_combine(fresh_main, fresh_side, 1.0, 0.0)
-    torch.testing.assert_close(active.scores[0][finite], expected[finite], atol=1e-4, rtol=1e-4)
+    assert_side_logits_and_contrast(model, batch, strategy, [side], active, lambda m, s: vcd_combine(m, s, 1.0, 0.0))
 
     # A left-padded batch of 2 equals each row alone (default config, cutoff on).
     assert_batch_equals_singles(model, processor, family, VCD(), QUESTIONS, **GREEDY)
