@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 EPILOG = """examples:
   halludec ls                       list strategies (with presets) and supported model types
@@ -221,10 +222,36 @@ def _cmd_run(args: argparse.Namespace) -> int:
         record = run_benchmark(model, processor, strategy, config, progress=not args.quiet)
         if not current().is_main:
             continue  # under accelerate launch, the main process reports
-        shown = ", ".join(f"{k}={m.value:.4g}" for k, m in record.metrics.items() if isinstance(m.value, float))
-        print(f"{strategy.name}{':' + strategy.preset if strategy.preset else ''}: n={record.n_samples} {shown}")
-        print(f"  results: {record.results_path}")
+        label = f"{strategy.name}{':' + strategy.preset if strategy.preset else ''}"
+        print("\n".join(summary_lines(label, record)))
     return 0
+
+
+def summary_lines(label: str, record: Any) -> list[str]:
+    """What ``halludec run`` prints for one results record: the headline metrics (the mean over splits where there
+    are several; pooled figures and counts stay in the file), one line per split, and the results path.
+
+    Args:
+        label: The strategy as the user named it (``vcd``, ``pai:repro``).
+        record: The :class:`~halludec.benchmarks.results.ResultRecord`.
+
+    Returns:
+        The lines, without newlines.
+    """
+
+    def shown(metrics: dict[str, Any], keep: Any) -> str:
+        return " ".join(f"{k}={m.value:.4g}" for k, m in metrics.items() if keep(k) and isinstance(m.value, float))
+
+    splits = record.per_split or {}
+    mean = " (mean over splits)" if len(splits) > 1 else ""
+    lines = [f"{label}: n={record.n_samples} {shown(record.metrics, lambda k: k != 'n' and '_pooled' not in k)}{mean}"]
+    if len(splits) > 1:
+        for split, metrics in splits.items():
+            n = metrics.get("n")
+            count = f" (n={n.value:.0f})" if n is not None else ""
+            lines.append(f"  {split}{count}: {shown(metrics, lambda k: k in ('accuracy', 'f1', 'yes_ratio'))}")
+    lines.append(f"  results: {record.results_path}")
+    return lines
 
 
 def _cmd_speed(args: argparse.Namespace) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -164,3 +165,31 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(saved_llava, coco_i
         tmp_path / "whole" / "pope_popular_vcd.samples.jsonl"
     )
     assert {k: m.value for k, m in resumed.metrics.items()} == {k: m.value for k, m in whole.metrics.items()}
+
+
+def test_run_prints_the_mean_and_each_split(tmp_path):
+    """`halludec run`'s summary: the mean over splits without pooled figures or the repeated count, then one line per
+    split (accuracy, F1, yes-ratio with its n), then the results path."""
+    from halludec.benchmarks.results import BenchmarkInfo, Metric, ResultRecord
+    from halludec.cli import summary_lines
+
+    def metrics(acc, n):
+        return {"accuracy": Metric(acc, True), "yes_ratio": Metric(0.5, None), "n": Metric(n, None)}
+
+    record = ResultRecord(
+        benchmark=BenchmarkInfo("pope"),
+        metrics={**metrics(0.75, 40.0), "accuracy_pooled": Metric(0.7, True)},
+        per_split={"random": metrics(1.0, 20.0), "adversarial": metrics(0.5, 20.0)},
+        n_samples=40,
+        samples_file=str(tmp_path / "pope_vcd.samples.jsonl"),
+    )
+    assert summary_lines("vcd:repro", record) == [
+        "vcd:repro: n=40 accuracy=0.75 yes_ratio=0.5 (mean over splits)",
+        "  random (n=20): accuracy=1 yes_ratio=0.5",
+        "  adversarial (n=20): accuracy=0.5 yes_ratio=0.5",
+        f"  results: {tmp_path / 'pope_vcd.json'}",
+    ]
+    one = ResultRecord(
+        BenchmarkInfo("chair"), {"chair_i": Metric(0.5, False)}, n_samples=4, samples_file="r/chair_none.samples.jsonl"
+    )
+    assert summary_lines("none", one) == ["none: n=4 chair_i=0.5", f"  results: {Path('r/chair_none.json')}"]
