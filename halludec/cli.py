@@ -5,8 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from collections.abc import Sequence
 from typing import Any
+
+_PLAIN_FORMAT = warnings.formatwarning
 
 EPILOG = """examples:
   halludec ls                       list strategies (with presets) and supported model types
@@ -421,8 +424,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    plain = warnings.formatwarning
+    warnings.formatwarning = _format_warning  # a command's warnings read as messages, not as source lines
     try:
         return int(args.func(args) or 0)
     except (KeyError, ValueError) as err:
         print(f"halludec: error: {err.args[0] if err.args else err}", file=sys.stderr)
         return 2
+    finally:
+        warnings.formatwarning = plain
+
+
+def _format_warning(message: Any, category: type, filename: str, lineno: int, line: str | None = None) -> str:
+    """``halludec: warning: <text>`` for UserWarnings (what a strategy says about its settings); others as usual."""
+    if category is UserWarning:
+        return f"halludec: warning: {message}\n"
+    return _PLAIN_FORMAT(message, category, filename, lineno, line)

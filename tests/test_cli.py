@@ -90,3 +90,27 @@ def test_run_and_heads_share_the_model_options(monkeypatch, tmp_path):
     assert seen == [("m", "fp32", "cpu", True)] * 2
     with pytest.raises(ValueError, match="dtype 'int8' is unknown; choose one of auto, bf16, fp16, fp32"):
         real_load("lab", "int8")
+
+
+def test_command_warnings_read_as_messages(monkeypatch):
+    """Inside a command, a UserWarning (a strategy's note on its settings) prints as `halludec: warning: <text>`;
+    other categories keep Python's format, and the format is restored when the command ends."""
+    import warnings
+
+    import pytest
+
+    import halludec.cli as cli
+
+    seen, before = {}, warnings.formatwarning
+
+    def fake_load(*args):
+        seen["user"] = warnings.formatwarning("VAR found nothing", UserWarning, "x.py", 3)
+        seen["other"] = warnings.formatwarning("old API", DeprecationWarning, "x.py", 3)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(cli, "load_model", fake_load)
+    with pytest.raises(SystemExit):
+        main(["run", "--benchmark", "lab-pope", "--model", "m"])
+    assert seen["user"] == "halludec: warning: VAR found nothing\n"
+    assert "x.py:3: DeprecationWarning: old API" in seen["other"]
+    assert warnings.formatwarning is before

@@ -230,21 +230,18 @@ class ACT(Strategy):
                 self.warn(
                     f"ACT: the profile {cfg.profile!r} has no head among its top profile_k={cfg.profile_k} in layers "
                     f"{cfg.first_layer}..{last}; attention is left unchanged. Raise profile_k or widen the band.",
-                    stacklevel=3,
                 )
             return mask
         if not band.any():
             self.warn(
                 f"ACT: the layer band {cfg.first_layer}..{last} of this {n}-layer model is empty; attention is left "
                 "unchanged. Lower first_layer or set skip_last_layer=False.",
-                stacklevel=3,
             )
         else:
             self.warn(
                 f"ACT: no head list (heads=) or head profile (profile=) given, so every head of layers "
                 f"{cfg.first_layer}..{last} is calibrated. ACT calibrates a per-task head set chosen offline; find "
                 "one with halludec.decoding.act.calibrate_act_heads or pass a profile.",
-                stacklevel=3,
             )
         return band
 

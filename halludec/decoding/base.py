@@ -21,7 +21,10 @@ values; only on shapes and on Python state fixed in ``prepare``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
+import sys
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -63,6 +66,18 @@ def check_range(name: str, value: float, low: float | None = None, high: float |
         lo = "-inf" if low is None else low
         hi = "inf" if high is None else high
         raise ValueError(f"{name}={value!r} is invalid; allowed: a number in [{lo}, {hi}].")
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # .../halludec
+_PASS_THROUGH = (_PACKAGE_DIR, contextlib.__file__)  # halludec itself, and `with` statements' plumbing
+
+
+def _caller_outside_halludec() -> int:
+    """``stacklevel`` for a ``warnings.warn`` issued by this module's caller: the first frame not in halludec."""
+    frame, level = sys._getframe(2), 2  # level 1 is the function calling warnings.warn; frame is its caller
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(_PASS_THROUGH):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 class Strategy:
@@ -206,21 +221,21 @@ class Strategy:
         """Whether the strategy overrides ``edit_head_outputs``."""
         return cls.edit_head_outputs is not Strategy.edit_head_outputs
 
-    def warn(self, message: str, stacklevel: int = 2) -> None:
+    def warn(self, message: str) -> None:
         """Warn with ``message`` the first time this instance meets it; repeats are dropped.
 
         Settings warnings (no released settings, no head profile, no sink dimensions) describe the strategy on the
         model, not one batch, and a benchmark run reuses one instance over many batches. Python's own once-per-place
         filter does not hold them back: any ``warnings.catch_warnings()`` (libraries use it per call) resets it.
+        The warning points at the first caller outside halludec (the user's ``generate`` / ``apply`` line).
 
         Args:
             message: The warning's text (a ``UserWarning``).
-            stacklevel: As for :func:`warnings.warn`, counted from the caller of this method.
         """
         seen = self.__dict__.setdefault("_warned", set())
         if message not in seen:
             seen.add(message)
-            warnings.warn(message, UserWarning, stacklevel=stacklevel + 1)
+            warnings.warn(message, UserWarning, stacklevel=_caller_outside_halludec())
 
     def describe(self) -> dict[str, Any]:
         """``{name, preset, config}`` for results files."""

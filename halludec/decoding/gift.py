@@ -238,7 +238,6 @@ class GIFT(Strategy):
                 f"{call.adapter.dims.num_layers} layers); using the generic defaults saliency_layers={sal_default}, "
                 f"enhance_layers={band_default[0]}..{band_default[-1]}, alpha={alpha_default}. Set them explicitly "
                 "(or saliency_layers='auto') to silence this.",
-                stacklevel=2,
             )
         sal = sal_default if cfg.saliency_layers is None else cfg.saliency_layers
         band = tuple(sorted(set(band_default if cfg.enhance_layers is None else cfg.enhance_layers)))
@@ -280,12 +279,11 @@ class GIFT(Strategy):
                 pos = list(range(start, end))
             rows[row, [p for p in pos if p >= 1]] = 1.0
         if empty:
-            self.warn(f"GIFT: rows {empty} have an empty question span; GIFT leaves them unchanged.", stacklevel=3)
+            self.warn(f"GIFT: rows {empty} have an empty question span; GIFT leaves them unchanged.")
         for question in dict.fromkeys(plain):  # once per question text and instance, not per row and batch
             self.warn(
                 f"GIFT: no informative word in the question {question!r} ({used!r} filter); its saliency uses all "
                 "question tokens.",
-                stacklevel=3,
             )
         image_id = torch.zeros(batch, length, dtype=torch.long)
         for row, img_spans in enumerate(call.image_spans):

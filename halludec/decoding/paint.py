@@ -186,7 +186,6 @@ class PAINT(Strategy):
                     f"{self.config.profile_k} in layers >= first_layer={self.config.first_layer} (its heads are in "
                     f"layers {sorted(call.state['paint_heads'])}); nothing is boosted. Raise profile_k or lower "
                     "first_layer.",
-                    stacklevel=2,
                 )
 
     def _summary_layer(self, call: CallContext, n_vision: int, full: list[int] | None) -> int:

@@ -223,7 +223,6 @@ class VAR(Strategy):
                     f"VAR: the profile {cfg.profile!r} has no head among its top profile_k={cfg.profile_k} in the "
                     f"steered layers {cfg.first_layer}..{last} (its heads are in layers {sorted(state.heads)}); "
                     "raise profile_k or change first_layer. Attention is left unchanged.",
-                    stacklevel=2,
                 )
                 return
             layers &= set(state.heads)
@@ -231,7 +230,6 @@ class VAR(Strategy):
             self.warn(
                 f"VAR steers layers {cfg.first_layer}..{last} of this {n}-layer model, i.e. none; lower first_layer "
                 "or set skip_last_layer=False. Attention is left unchanged.",
-                stacklevel=2,
             )
             return
         state.dims, state.source = self._sink_dims(call)
@@ -311,14 +309,12 @@ class VAR(Strategy):
             self.warn(
                 f"VAR: the sink-dimension finder found nothing at sink_tau={cfg.sink_tau}; using the listed "
                 f"{known.status} constants {list(known.dims)} for {known.backbone}.",
-                stacklevel=3,
             )
             return known.dims, f"{known.status} constants ({known.backbone})"
         self.warn(
             f"VAR found no sink dimensions for this model (no hidden dimension where the first token's |x/RMS(x)| "
             f"exceeds sink_tau={cfg.sink_tau} in at least half the layers >= 2), so it leaves attention unchanged. "
             "Pass sink_dims=(...) for this backbone, or a lower sink_tau.",
-            stacklevel=3,
         )
         return (), "none"
 
@@ -341,6 +337,5 @@ class VAR(Strategy):
                     f"VAR: no confirmed sink dimensions for this backbone; the sink-dimension finder found "
                     f"{report.dims} on this call's prompt (cached for this model){listed}. Pass sink_dims=(...) "
                     "to fix them.",
-                    stacklevel=4,
                 )
         return _FOUND[key]

@@ -144,7 +144,6 @@ class VHR(Strategy):
                     f"VHR: the profile {self.config.profile!r} has no head among its top profile_k="
                     f"{self.config.profile_k} in layers={self.config.layers}; nothing is reinforced. Raise profile_k "
                     "or use layers=None (all the profile's heads).",
-                    stacklevel=2,
                 )
         scales: dict[int, torch.Tensor] = {}
         for layer in torch.nonzero(mask.any(dim=-1)).flatten().tolist():

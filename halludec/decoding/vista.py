@@ -166,7 +166,6 @@ class VISTA(Strategy):
                 self.warn(
                     f"VISTA: this model has {n} decoder layer(s), so no layer precedes the last one and SLA has "
                     "nothing to average; SLA is off. Set sla_layers=(...) to choose layers.",
-                    stacklevel=2,
                 )
                 return
             state.sla_layers = sla

@@ -190,7 +190,6 @@ class ZeroTuning(Strategy):
                 f"{'all layers' if cfg.layers is None else f'layers {list(layers)}'} is scaled by gamma={cfg.gamma}. "
                 "The paper tunes only its dominant head type; profile the heads with "
                 "halludec.decoding.zerotuning.profile_heads and pass the saved profile.",
-                stacklevel=3,
             )
             return torch.where(in_layers, cfg.gamma, 1.0)
         profile = load_profile(cfg.profile, adapter)
@@ -199,7 +198,6 @@ class ZeroTuning(Strategy):
                 f"ZeroTuning: the profile {cfg.profile!r} has criterion {profile.criterion!r}; the head rule reads "
                 f"signed gains (criterion {PROFILE_CRITERION!r}, from profile_heads), so non-negative scores make "
                 "every scored head 'up-effective'.",
-                stacklevel=3,
             )
         table = head_gammas(profile.tensor(), cfg.gamma, cfg.head_rule)  # [L, H]
         return torch.where(in_layers, table, 1.0)
