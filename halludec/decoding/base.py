@@ -118,6 +118,7 @@ class Strategy:
         config.validate()
         self.config = config
         self.preset: str | None = None
+        self._warned: set[str] = set()  # messages self.warn has shown
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.config!r})"
@@ -232,9 +233,8 @@ class Strategy:
         Args:
             message: The warning's text (a ``UserWarning``).
         """
-        seen = self.__dict__.setdefault("_warned", set())
-        if message not in seen:
-            seen.add(message)
+        if message not in self._warned:
+            self._warned.add(message)
             warnings.warn(message, UserWarning, stacklevel=_caller_outside_halludec())
 
     def describe(self) -> dict[str, Any]:
